@@ -1,0 +1,30 @@
+"""Test setup: on machines without a GPU the Triton kernels run under the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here, before any
+test module imports wz_kernels. Set WZ_TEST_NO_INTERPRET=1 to keep it off.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("WZ_TEST_NO_INTERPRET") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,3 @@
+from wz_engine.judge.base import PairwiseJudge, PairwiseRequest, Verdict
+
+__all__ = ["PairwiseJudge", "PairwiseRequest", "Verdict"]

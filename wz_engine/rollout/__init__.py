@@ -1,0 +1,3 @@
+from wz_engine.rollout.base import Completion, Sampler, SamplingParams
+
+__all__ = ["Completion", "Sampler", "SamplingParams"]
