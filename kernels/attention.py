@@ -1,0 +1,532 @@
+"""Packed-sequence (varlen) attention: causal within each sequence, never across sequences.
+
+Layout (the flash-attn varlen convention): B sequences are concatenated along the token axis,
+`cu_seqlens` [B+1] int32 holds their offsets (cu_seqlens[0] == 0, cu_seqlens[-1] == N), and
+`max_seqlen` bounds the longest one (it sizes the launch grid). No token is ever padded.
+
+Layers:
+  - `varlen_attention_reference`: per-sequence plain-torch attention (the specification).
+  - `_varlen_attention_fwd_kernel` / `_varlen_attention_bwd_*_kernel`: FlashAttention-2-style Triton
+    kernels. The forward keeps an online softmax (running max and sum) per query block and saves the
+    log-sum-exp (base 2) per query row; the backward recomputes P from it. Nothing of size N x N is
+    ever materialised. GQA: a query head h reads key/value head h // (Hq // Hkv); dK/dV of a
+    key/value head sum over its query-head group inside one program (no atomics).
+  - `wz::varlen_attention_fwd` / `wz::varlen_attention_bwd` torch.library ops with fake kernels and
+    autograd, so torch.compile can trace through the Triton path.
+  - `varlen_attention(...)`: the public entry, `impl` in auto / reference / triton / flash_attn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import check_tensor, interpreting, next_power_of_2, resolve_impl, triton_available
+
+OP = "varlen_attention"
+IMPLS = ("auto", "reference", "triton", "flash_attn")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Plain-torch varlen attention, one sequence at a time (the specification).
+
+    q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens [B+1] -> out [N, Hq, D] (float64 when `upcast`).
+    GQA by repeating each key/value head Hq // Hkv times. `max_seqlen` is accepted for signature
+    parity and ignored.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = [q.new_zeros((0, q.shape[1], v.shape[-1]))]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
+        ks = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        vs = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [Hq, L, L]
+        if causal:
+            length = end - start
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        outs.append((scores.softmax(dim=-1) @ vs).transpose(0, 1))  # [L, Hq, D]
+    return torch.cat(outs, dim=0)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _varlen_attention_fwd_kernel(
+        Q, K, V, O, LSE, CU_SEQLENS,
+        qk_scale_log2,  # softmax_scale * log2(e): the kernel works in base 2
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+        stride_lse_h,
+        HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        kv_head = head // GROUP
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < length
+        d_valid = offs_d < HEAD_DIM
+
+        q_ptrs = Q + (start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Query blocks past the end of this sequence do no work; causal blocks stop at the diagonal.
+        hi = length
+        if CAUSAL:
+            hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
+        hi = tl.where(pid_m * BLOCK_M < length, hi, 0)
+        for n0 in range(0, hi, BLOCK_N):
+            offs_kn = n0 + offs_n
+            n_valid = offs_kn < length
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+            keep = n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_kn[None, :])
+            s = tl.where(keep, s, float("-inf"))
+            # Key 0 is in the first block and visible to every row, so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence end: never stored, keep them finite
+        acc = acc / l_i[:, None]
+        o_ptrs = O + (start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(LSE + head * stride_lse_h + start + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+
+    @triton.jit
+    def _varlen_attention_bwd_preprocess_kernel(
+        O, DO, DELTA, N, stride_on, stride_oh, stride_don, stride_doh, stride_delta_h,
+        HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """delta[h, n] = sum_d dO[n, h, d] * O[n, h, d] (= rowsum(P * dP), needed for dS)."""
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + offs_m[:, None] * stride_on + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + head * stride_doh + offs_d[None, :], mask=mask,
+                     other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + head * stride_delta_h + offs_m, delta, mask=offs_m < N)
+
+    @triton.jit
+    def _varlen_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+        qk_scale_log2, softmax_scale,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+        stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lse_h,
+        HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One key/value block of one key/value head: dK, dV summed over its query-head group."""
+        pid_n = tl.program_id(0)
+        seq = tl.program_id(1)
+        kv_head = tl.program_id(2)
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_valid = offs_n < length
+        d_valid = offs_d < HEAD_DIM
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + (start + offs_n)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + (start + offs_n)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        # Causal: only queries at or after this key block see it.
+        lo = 0
+        if CAUSAL:
+            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        hi = tl.where(pid_n * BLOCK_N < length, length, 0)
+        for g in range(GROUP):
+            head = kv_head * GROUP + g
+            for m0 in range(lo, hi, BLOCK_M):
+                offs_qm = m0 + offs_m
+                m_valid = offs_qm < length
+                q_mask = m_valid[:, None] & d_valid[None, :]
+                q = tl.load(Q + (start + offs_qm)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                            mask=q_mask, other=0.0)
+                do = tl.load(DO + (start + offs_qm)[:, None] * stride_don + head * stride_doh
+                             + offs_d[None, :], mask=q_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(LSE + head * stride_lse_h + start + offs_qm, mask=m_valid, other=0.0)
+                delta = tl.load(DELTA + head * stride_lse_h + start + offs_qm, mask=m_valid, other=0.0)
+                # Transposed scores: rows are keys, columns queries.
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
+                keep = n_valid[:, None] & m_valid[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_qm[None, :] >= offs_n[:, None])
+                p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+        dk = dk * softmax_scale
+        tl.store(DK + (start + offs_n)[:, None] * stride_dkn + kv_head * stride_dkh + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + (start + offs_n)[:, None] * stride_dvn + kv_head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _varlen_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+        qk_scale_log2, softmax_scale,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+        stride_dqn, stride_dqh, stride_lse_h,
+        HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One query block of one query head: dQ = sum over visible keys of dS K * scale."""
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        kv_head = head // GROUP
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < length
+        d_valid = offs_d < HEAD_DIM
+        q_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + (start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + (start + offs_m)[:, None] * stride_don + head * stride_doh + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + head * stride_lse_h + start + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + head * stride_lse_h + start + offs_m, mask=m_valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        hi = length
+        if CAUSAL:
+            hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
+        hi = tl.where(pid_m * BLOCK_M < length, hi, 0)
+        for n0 in range(0, hi, BLOCK_N):
+            offs_kn = n0 + offs_n
+            n_valid = offs_kn < length
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+            keep = m_valid[:, None] & n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_kn[None, :])
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        dq = dq * softmax_scale
+        tl.store(DQ + (start + offs_m)[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    """Block sizes and warps for one launch (one config: no autotune, so the interpreter works)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_config(head_dim: int) -> _LaunchConfig:
+    if interpreting():  # ~2.5 ms per program x loop step: smallest blocks tl.dot accepts
+        return _LaunchConfig(16, 16, 1, 1)
+    if head_dim <= 64:
+        return _LaunchConfig(128, 64, 4, 3)
+    return _LaunchConfig(128, 64, 8, 3)
+
+
+def _bwd_config(head_dim: int) -> _LaunchConfig:
+    if interpreting():
+        return _LaunchConfig(16, 16, 1, 1)
+    if head_dim <= 64:
+        return _LaunchConfig(64, 64, 4, 2)
+    return _LaunchConfig(64, 64, 8, 2)
+
+
+def _kernel_flags(q: torch.Tensor) -> dict:
+    """Constexpr flags shared by every launch: fp32 stays IEEE (no TF32), bf16/fp16 upcast when interpreting."""
+    return dict(
+        UPCAST=interpreting() and q.dtype != torch.float32,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=max(16, next_power_of_2(q.shape[-1])),
+        HEAD_DIM=q.shape[-1],
+    )
+
+
+def _fwd_launch(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+    # q [N, Hq, D], k/v [N, Hkv, D] -> out [N, Hq, D], lse [Hq, N] (float32, base 2)
+    n, hq, d = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((hq, n), dtype=torch.float32, device=q.device)
+    batch = cu_seqlens.numel() - 1
+    if n == 0 or batch == 0:
+        return out, lse
+    cfg = _fwd_config(d)
+    grid = (triton.cdiv(max_seqlen, cfg.block_m), batch, hq)
+    _varlen_attention_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        GROUP=hq // k.shape[1], CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(q),
+    )
+    return out, lse
+
+
+def _bwd_launch(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+    # -> dq [N, Hq, D], dk/dv [N, Hkv, D]
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    batch = cu_seqlens.numel() - 1
+    if n == 0 or batch == 0:
+        return dq, dk, dv
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    flags = _kernel_flags(q)
+    cfg = _bwd_config(d)
+    delta = torch.empty_like(lse)
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(n, 64), hq)](
+        out, do, delta, n, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        HEAD_DIM=d, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"],
+    )
+    common = dict(GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+    _varlen_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), batch, hkv)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale * _LOG2E, scale, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **common,
+    )
+    _varlen_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), batch, hq)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, scale * _LOG2E, scale, *strides,
+        dq.stride(0), dq.stride(1), lse.stride(0), **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@torch.library.custom_op("wz::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    max_seqlen: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+
+
+@_varlen_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("wz::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_launch(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale)
+
+
+@_varlen_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.softmax_scale = max_seqlen, causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_out, _d_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd_op(
+        d_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
+    check_tensor(OP, "q", q, ndim=3, floating=True)
+    check_tensor(OP, "k", k, ndim=3, floating=True, device=q.device)
+    check_tensor(OP, "v", v, ndim=3, floating=True, device=q.device)
+    check_tensor(OP, "cu_seqlens", cu_seqlens, ndim=1, device=q.device)
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{OP}: cu_seqlens must be int32 (flash-attn convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{OP}: cu_seqlens must hold at least one offset (0), got an empty tensor")
+    n, hq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != d:
+        raise ValueError(f"{OP}: k {tuple(k.shape)} and v {tuple(v.shape)} must be [N={n}, Hkv, D={d}]")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"{OP}: query heads Hq={hq} must be a multiple of key/value heads Hkv={k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{OP}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{OP}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    lengths = cu_seqlens.diff()
+    if cu_seqlens.device.type == "cpu":
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+            raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at N={n}, got "
+                             f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
+        if lengths.numel() and int(lengths.max()) > max_seqlen:
+            raise ValueError(f"{OP}: max_seqlen={max_seqlen} is less than the longest sequence "
+                             f"({int(lengths.max())}); rows past max_seqlen would go unwritten")
+    else:  # no host sync per layer on GPU: a device-side assert still refuses a silent wrong answer
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n)
+        if lengths.numel():
+            ok = ok & (lengths.min() >= 0) & (lengths.max() <= max_seqlen)
+        torch._assert_async(ok, f"{OP}: cu_seqlens must run 0..N non-decreasing with lengths <= max_seqlen")
+
+
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError(f"{OP}: impl='flash_attn' needs the flash-attn package "
+                           "(pip install 'wz-engine[flash-attn]' on a CUDA machine)") from e
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{OP}: impl='flash_attn' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  softmax_scale=scale, causal=causal)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention over packed sequences; differentiable in q, k and v.
+
+    Args:
+        q: [N, Hq, D] queries of all sequences, concatenated along tokens.
+        k, v: [N, Hkv, D] keys and values; Hq must be a multiple of Hkv (GQA / MQA).
+        cu_seqlens: [B+1] int32 offsets: sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1].
+        max_seqlen: an upper bound on the longest sequence (sizes the launch grid; a smaller value
+            is an error).
+        causal: token i of a sequence attends to tokens 0..i of the same sequence; without it, to
+            the whole sequence. Attention never crosses a sequence boundary either way.
+        softmax_scale: defaults to D ** -0.5.
+        impl: "auto" (Triton on CUDA, reference on CPU), "reference", "triton" (on CPU only under
+            TRITON_INTERPRET=1), or "flash_attn" (flash-attn's `flash_attn_varlen_func`).
+
+    Returns:
+        out: [N, Hq, D] in q's dtype. Zero-length sequences and N == 0 are allowed.
+
+    The Triton path supports fp32 (IEEE dots, no TF32), fp16 and bf16 and any head dim up to 256;
+    the reference path also takes float64.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{OP}: impl={impl!r} is not one of {IMPLS}")
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if impl == "flash_attn":
+        return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    backend = resolve_impl(impl, q.device, op=OP)
+    if backend == "reference":
+        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"{OP}: the Triton kernel takes {_KERNEL_DTYPES}, got {q.dtype}; use impl='reference'")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head dim {q.shape[-1]} > {_MAX_HEAD_DIM} is not supported by the Triton kernel")
+    # The kernels index with explicit token/head strides but assume a unit stride along D.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _lse = _varlen_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return out
