@@ -1,0 +1,163 @@
+"""varlen_attention: Triton forward/backward (interpreter on CPU) against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import assert_close_to_reference
+from wz_kernels import attention as attn_mod
+from wz_kernels.attention import varlen_attention, varlen_attention_reference
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _inputs(lengths, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    return q, k, v, torch.randn(n, hq, d, generator=g).to(dtype), _cu(lengths)
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every buffer the op allocates starts as NaN, so an element a kernel forgets to write fails."""
+    empty_like, empty = torch.empty_like, torch.empty
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+
+
+def _fwd_bwd(q, k, v, do, cu, max_seqlen, causal, impl, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if impl == "reference64":
+        out = varlen_attention_reference(q, k, v, cu, causal=causal, upcast=True)
+        do = do.double()
+    elif impl == "reference_lowp":
+        out = varlen_attention_reference(q, k, v, cu, causal=causal)
+    else:
+        out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, impl=impl, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "lengths, hq, hkv, d, causal",
+    [
+        ([5, 1, 17, 33], 2, 1, 64, True),  # odd lengths, a length-1 sequence, GQA 2
+        ([23], 4, 1, 128, True),  # B = 1, GQA 4 (MQA)
+        ([7, 19], 2, 2, 64, False),  # GQA 1, bidirectional within each sequence
+        ([9, 14, 2], 2, 2, 128, True),
+    ],
+)
+def test_triton_matches_float64_reference(lengths, hq, hkv, d, causal, poisoned_alloc):
+    q, k, v, do, cu = _inputs(lengths, hq, hkv, d, torch.float32)
+    got = _fwd_bwd(q, k, v, do, cu, max(lengths), causal, "triton")
+    ref = _fwd_bwd(q, k, v, do, cu, max(lengths), causal, "reference64")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == torch.float32
+        assert_close_to_reference(a, b, atol=2e-5, rtol=1e-4, name=name)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_within_twice_torch_error(dtype, poisoned_alloc):
+    lengths, hq, hkv, d = [11, 26], 2, 1, 64
+    q, k, v, do, cu = _inputs(lengths, hq, hkv, d, dtype, seed=1)
+    got = _fwd_bwd(q, k, v, do, cu, 26, True, "triton")
+    torch_lowp = _fwd_bwd(q, k, v, do, cu, 26, True, "reference_lowp")
+    ref = _fwd_bwd(q, k, v, do, cu, 26, True, "reference64")
+    for name, a, t, b in zip(("out", "dq", "dk", "dv"), got, torch_lowp, ref):
+        assert a.dtype == dtype
+        assert_close_to_reference(a, b, t, atol=1e-3, name=name)
+
+
+@pytest.mark.interpreter
+def test_non_power_of_two_head_dim_and_custom_scale():
+    q, k, v, do, cu = _inputs([6, 13], 2, 1, 48, torch.float32, seed=2)
+    got = _fwd_bwd(q, k, v, do, cu, 16, True, "triton", softmax_scale=0.3)  # max_seqlen may exceed the max
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = varlen_attention_reference(q64, k64, v64, cu, softmax_scale=0.3)
+    assert_close_to_reference(got[0], ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_sequences_do_not_interact():
+    """Changing sequence 0 must leave the outputs and gradients of sequence 1 untouched."""
+    q, k, v, do, cu = _inputs([10, 12], 2, 2, 64, torch.float32, seed=3)
+    base = _fwd_bwd(q, k, v, do, cu, 12, True, "triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[:10] += 5.0
+    v2[:10] -= 3.0
+    moved = _fwd_bwd(q, k2, v2, do, cu, 12, True, "triton")
+    for a, b in zip(base, moved):
+        torch.testing.assert_close(a[10:], b[10:], rtol=0, atol=0)
+    assert not torch.allclose(base[0][:10], moved[0][:10])
+
+
+def test_reference_matches_torch_sdpa_per_sequence():
+    """The reference itself against an independent implementation (torch SDPA, one sequence at a time)."""
+    lengths = [4, 1, 9]
+    q, k, v, _, cu = _inputs(lengths, 4, 2, 16, torch.float64, seed=4)
+    ref = varlen_attention_reference(q, k, v, cu)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        peer = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True
+        ).transpose(0, 1)
+        torch.testing.assert_close(ref[s:e], peer, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_empty_batch_and_empty_sequences(impl):
+    q, k, v, _, _ = _inputs([0], 2, 1, 16, torch.float32)
+    out = varlen_attention(q, k, v, torch.zeros(1, dtype=torch.int32), 0, impl=impl)
+    assert out.shape == (0, 2, 16)
+    q, k, v, _, cu = _inputs([3, 0, 4], 2, 1, 16, torch.float32)
+    out = varlen_attention(q, k, v, cu, 4, impl=impl)
+    torch.testing.assert_close(out.double(), varlen_attention_reference(q, k, v, cu, upcast=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_torch_library_op_registration():
+    """Fake kernel, schema and autograd registration agree with the real kernel (torch.compile relies on them)."""
+    q, k, v, _, cu = _inputs([3, 5], 2, 1, 16, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attn_mod._varlen_attention_fwd_op, (q, k, v, cu, 5, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(cu=torch.tensor([0, 3, 7], dtype=torch.int64)), "int32"),
+        (dict(cu=torch.tensor([0, 3, 6], dtype=torch.int32)), "end at N=7"),
+        (dict(cu=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), "non-decreasing"),
+        (dict(max_seqlen=3), "max_seqlen=3"),
+        (dict(k=torch.zeros(7, 3, 16), v=torch.zeros(7, 3, 16)), "multiple of key/value heads"),
+        (dict(v=torch.zeros(7, 1, 8)), "must be"),
+        (dict(q=torch.zeros(7, 2, 16, dtype=torch.float16)), "share a dtype"),
+        (dict(impl="cuda"), "impl='cuda'"),
+        (dict(softmax_scale=-1.0), "softmax_scale"),
+    ],
+)
+def test_bad_inputs_raise_value_error(change, match):
+    args = dict(q=torch.zeros(7, 2, 16), k=torch.zeros(7, 1, 16), v=torch.zeros(7, 1, 16),
+                cu=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4, impl="reference", softmax_scale=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(args["q"], args["k"], args["v"], args["cu"], args["max_seqlen"], impl=args["impl"],
+                         softmax_scale=args["softmax_scale"])
+
+
+def test_float64_refused_by_triton_and_flash_attn_missing_is_clear():
+    q, k, v, _, cu = _inputs([3], 1, 1, 16, torch.float64)
+    if attn_mod.interpreting():
+        with pytest.raises(ValueError, match="impl='reference'"):
+            varlen_attention(q, k, v, cu, 3, impl="triton")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="flash-attn"):
+            varlen_attention(q, k, v, cu, 3, impl="flash_attn")
