@@ -505,12 +505,13 @@ def _launch_config(n: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
-                              clip_high, dual_clip, kl_coef, kl_estimator):
+                              clip_high, dual_clip, kl_coef, kl_estimator, grad=None):
+    """Launch the fused kernel. `grad` [N] f32: optional output buffer (tests pass a poisoned one)."""
     if triton is None:
         raise RuntimeError("token_loss_terms: impl='triton' was requested but triton is not installed")
     n = logprobs.numel()
     dev = logprobs.device
-    grad = torch.empty(n, dtype=torch.float32, device=dev)
+    grad = torch.empty(n, dtype=torch.float32, device=dev) if grad is None else grad
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev), grad, torch.zeros(_NUM_STATS, device=dev)
     block, nprog, num_warps = _launch_config(n, dev)
