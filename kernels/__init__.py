@@ -19,6 +19,10 @@ _EXPORTS = {
     "fused_linear_logprobs": "logprob",
     "fused_linear_policy_loss": "logprob",
     "varlen_attention": "attention",
+    "multi_tensor_copy": "weight_pack",
+    "pack_tensors": "weight_pack",
+    "unpack_tensors": "weight_pack",
+    "unpack_into": "weight_pack",
 }
 
 __all__ = sorted(_EXPORTS)
