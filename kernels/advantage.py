@@ -1,0 +1,625 @@
+"""Group-relative advantages: GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline, BRPO and GiGPO.
+
+Every estimator here is "a per-row formula over segment statistics": rows (sequences, or
+environment steps for GiGPO) are grouped by arbitrary int64 ids, each group's count, mean and
+unbiased std are computed, and each row's advantage is a function of its own value and its group's
+statistics. One machinery serves them all; only the grouping keys and the per-row rule differ.
+
+Estimators (DESIGN.md section 3; r = the row's reward, g = its group, n = |g|):
+
+    grpo                   A = (r - mean_g) / (std_g + eps)          std unbiased
+    dr_grpo                A = r - mean_g
+    rloo                   A = r - mean of the others = n / (n - 1) * (r - mean_g)
+    reinforce_pp_baseline  A = r - mean_g, then whitened over the whole batch:
+                           (x - mean_B) / (std_B + eps), std_B unbiased (0 when B == 1)
+
+Groups of one (no baseline can be estimated from the group itself):
+    grpo, dr_grpo, reinforce_pp_baseline: baseline 0 and std 1 (DESIGN.md, verl's convention), so
+        the reward passes through: A = r / (1 + eps) for grpo, A = r for the other two.
+    rloo: A = 0. There are no "others" to form the leave-one-out baseline, and passing r through
+        would make RLOO's estimate biased; such a row contributes no gradient.
+    GiGPO: the episode part follows grpo's convention; singleton anchor groups give A_step = 0.
+
+Numerics: statistics are accumulated in float32 on values shifted by one member of their group
+(the first row of the group in the reference, the row that claimed the hash slot in the kernel).
+The shift keeps the sums small, so rewards with a large common offset (1e4 + noise) lose no
+precision and an all-equal group gives exactly r - mean = 0 (so A = 0, never noise / eps).
+
+Triton path (CUDA, or the interpreter on CPU): ONE launch of a single program that loops over the
+batch in blocks. A single program can barrier with itself (it is one CTA), which is what makes one
+launch possible without a grid-wide barrier:
+    phase 0  clear an open-addressing hash table of T = next_pow2(2 B) slots (scratch, no memset
+             launch) and the per-slot accumulators;
+    phase 1  each row hashes its id(s), claims a slot with atomic CAS (the slot stores the row index
+             of its first claimant, so any int64 id - no sentinel value - is allowed; linear probing),
+             then atomically adds count, sum and sum of squares of its shifted value;
+    phase 2  each row reads its slot's statistics and writes its advantage (plus the two batch
+             passes of reinforce_pp_baseline's whitening).
+No host synchronisation and no data-dependent output shapes: the only host-side work is allocating
+scratch of a size known from B. The data is tiny (B ~ 16k rows), so one CTA streaming it is cheaper
+than the sort + sync that `torch.unique` needs. Counts are float32: exact for B < 2**24.
+
+Validation (`validate=True`, the default) checks that rewards are finite and BRPO rewards lie in
+{-1, 0, +1}; on CUDA tensors those two checks cost one device-to-host sync, so a trainer that
+trusts its rewards may pass `validate=False` to keep the call fully asynchronous. Shape, dtype and
+device checks always run (they read only metadata).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import check_choice, check_finite, check_tensor, next_power_of_2, resolve_impl, triton_available
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+GIGPO_MODES = ("mean_norm", "mean_std_norm")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one row's advantage follows from its value r and its group's (n, r - mean_g, std_g)."""
+
+    divide_by_std: bool
+    """Scale the centred value by 1 / (std_g + eps)."""
+    leave_one_out: bool
+    """Use the mean of the *other* rows as baseline: n / (n - 1) * (r - mean_g)."""
+    singleton_keeps_reward: bool
+    """A group of one uses baseline 0 and std 1 (A = r or r / (1 + eps)); otherwise its A is 0."""
+    whiten_batch: bool = False
+    """Afterwards whiten all rows together: (x - mean_B) / (std_B + eps)."""
+
+
+_ESTIMATOR_RULES = {
+    "grpo": _Rule(divide_by_std=True, leave_one_out=False, singleton_keeps_reward=True),
+    "dr_grpo": _Rule(divide_by_std=False, leave_one_out=False, singleton_keeps_reward=True),
+    "rloo": _Rule(divide_by_std=False, leave_one_out=True, singleton_keeps_reward=False),
+    "reinforce_pp_baseline": _Rule(
+        divide_by_std=False, leave_one_out=False, singleton_keeps_reward=True, whiten_batch=True
+    ),
+}
+
+
+def _gigpo_rules(mode: str) -> tuple[_Rule, _Rule]:
+    """(episode rule, step rule) for a GiGPO normalisation mode."""
+    by_std = mode == "mean_std_norm"
+    episode = _Rule(divide_by_std=by_std, leave_one_out=False, singleton_keeps_reward=True)
+    step = _Rule(divide_by_std=by_std, leave_one_out=False, singleton_keeps_reward=False)
+    return episode, step
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _segment_index(*keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Dense segment index [B] (rows with equal key tuples share a segment) and the segment count."""
+    num_rows = keys[0].numel()
+    uniques, inverse = torch.unique(keys[0], return_inverse=True)
+    for key in keys[1:]:
+        _, inverse_k = torch.unique(key, return_inverse=True)
+        # both inverses are < B, so this pairing is collision-free and fits in int64
+        uniques, inverse = torch.unique(inverse * num_rows + inverse_k, return_inverse=True)
+    return inverse, uniques.numel()
+
+
+def _segment_moments(values: torch.Tensor, inverse: torch.Tensor, num_segments: int):
+    """Per-row group size n, centred value r - mean_g, and unbiased std_g (0 for groups of one).
+
+    values [B] float, inverse [B] int64 in [0, num_segments) -> three [B] tensors of values' dtype.
+    """
+    num_rows = values.numel()
+    rows = torch.arange(num_rows, device=values.device)
+    first = torch.full((num_segments,), num_rows, dtype=torch.long, device=values.device)
+    first.scatter_reduce_(0, inverse, rows, reduce="amin")
+    # index_select, not x[inverse]: advanced indexing is ~50x slower on CPU
+    shift = values.index_select(0, first).index_select(0, inverse)
+    shifted = values - shift  # [B]: relative to a member of the group (exact)
+    zeros = values.new_zeros(num_segments)
+    count = zeros.index_add(0, inverse, torch.ones_like(values))
+    mean_shifted = zeros.index_add(0, inverse, shifted) / count
+    centred = shifted - mean_shifted.index_select(0, inverse)
+    m2 = zeros.index_add(0, inverse, centred * centred)
+    std = (m2 / (count - 1).clamp_min(1)).sqrt()
+    return count.index_select(0, inverse), centred, std.index_select(0, inverse)
+
+
+def _apply_rule(values, count, centred, std, rule: _Rule, eps: float) -> torch.Tensor:
+    """The per-row formula shared by every estimator (see _Rule); all arguments [B]."""
+    if rule.leave_one_out:
+        adv = centred * count / (count - 1).clamp_min(1)
+    elif rule.divide_by_std:
+        adv = centred / (std + eps)
+    else:
+        adv = centred
+    if rule.singleton_keeps_reward:
+        alone = values / (1.0 + eps) if rule.divide_by_std else values
+    else:
+        alone = torch.zeros_like(values)
+    adv = torch.where(count == 1, alone, adv)
+    if rule.whiten_batch:
+        adv = adv - adv.mean()
+        var = (adv * adv).sum() / max(adv.numel() - 1, 1)
+        adv = adv / (var.sqrt() + eps)
+    return adv
+
+
+def _compute_dtype(upcast: bool) -> torch.dtype:
+    return torch.float64 if upcast else torch.float32
+
+
+def group_advantages_reference(
+    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str = "grpo", *, eps: float = 1e-6,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Vectorised-torch specification of `group_advantages` (torch.unique + index_add_, no loop
+    over groups). rewards [B], group_ids [B] -> [B] in float32 (float64 with upcast=True)."""
+    values = rewards.to(_compute_dtype(upcast))
+    if values.numel() == 0:
+        return values.clone()
+    inverse, num_segments = _segment_index(group_ids)
+    count, centred, std = _segment_moments(values, inverse, num_segments)
+    return _apply_rule(values, count, centred, std, _ESTIMATOR_RULES[estimator], eps)
+
+
+def brpo_advantages_reference(
+    pairwise_rewards: torch.Tensor, group_ids: torch.Tensor, *, skew_threshold: float = 0.6,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised-torch specification of `brpo_advantages`: ([B] advantages, [B] bool kept)."""
+    values = pairwise_rewards.to(_compute_dtype(upcast))
+    if values.numel() == 0:
+        return values.clone(), torch.ones_like(values, dtype=torch.bool)
+    inverse, num_segments = _segment_index(group_ids)
+    # Sums of +-1/0 and counts are exact integers in float32, and the test below is done in float32
+    # by both implementations, so the kernel and the reference agree exactly at the boundary.
+    ones = torch.ones_like(values, dtype=torch.float32)
+    count = ones.new_zeros(num_segments).index_add_(0, inverse, ones)
+    total = ones.new_zeros(num_segments).index_add_(0, inverse, values.float())
+    dropped = total.abs() > torch.tensor(skew_threshold, dtype=torch.float32) * count  # [num_segments]
+    kept = ~dropped.index_select(0, inverse)
+    return torch.where(kept, values, torch.zeros_like(values)), kept
+
+
+def gigpo_advantages_reference(
+    episode_returns: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor,
+    anchor_ids: torch.Tensor, *, step_weight: float = 1.0, mode: str = "mean_norm", eps: float = 1e-6,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Vectorised-torch specification of `gigpo_advantages`: [B] rows (environment steps) -> [B]."""
+    episode = episode_returns.to(_compute_dtype(upcast))
+    step = step_returns.to(_compute_dtype(upcast))
+    if episode.numel() == 0:
+        return episode.clone()
+    episode_rule, step_rule = _gigpo_rules(mode)
+    group_index, num_groups = _segment_index(group_ids)
+    anchor_index, num_anchors = _segment_index(group_ids, anchor_ids)
+    a_episode = _apply_rule(episode, *_segment_moments(episode, group_index, num_groups), episode_rule, eps)
+    a_step = _apply_rule(step, *_segment_moments(step, anchor_index, num_anchors), step_rule, eps)
+    return a_episode + step_weight * a_step
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hash_slot(key, key2, LOG_T, HAS_KEY2: tl.constexpr):
+        """Home slot in [0, 2**LOG_T) of int64 key(s): xor-fold to 32 bits, Fibonacci hashing."""
+        h = key.to(tl.uint32) ^ ((key >> 32).to(tl.uint32) * 0x85EBCA6B)
+        if HAS_KEY2:
+            h = h * 0xC2B2AE35 ^ key2.to(tl.uint32) ^ ((key2 >> 32).to(tl.uint32) * 0x27D4EB2F)
+        return ((h * 0x9E3779B1) >> (32 - LOG_T)).to(tl.int32)
+
+    @triton.jit
+    def _build_segments(
+        values_ptr, key_ptr, key2_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T,
+        HAS_KEY2: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Phases 0 and 1: group rows by key into the hash table and accumulate per-slot stats.
+
+        table [T] int32: 0 = empty, else 1 + the row index of the slot's first claimant.
+        stats [3, T] float32: count, sum(v - shift), sum((v - shift)^2), shift = that row's value.
+        slot  [B] int32: each row's slot.
+        """
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, T, BLOCK):
+            idx = start + offs
+            clear = idx < T
+            tl.store(table_ptr + idx, 0, mask=clear)
+            tl.store(stats_ptr + idx, 0.0, mask=clear)
+            tl.store(stats_ptr + T + idx, 0.0, mask=clear)
+            tl.store(stats_ptr + 2 * T + idx, 0.0, mask=clear)
+        tl.debug_barrier()  # the table is clear for every thread of this (only) program
+        for start in range(0, B, BLOCK):
+            rows = start + offs
+            in_batch = rows < B
+            key = tl.load(key_ptr + rows, mask=in_batch, other=0)
+            key2 = key
+            if HAS_KEY2:
+                key2 = tl.load(key2_ptr + rows, mask=in_batch, other=0)
+            pos = tl.where(in_batch, _hash_slot(key, key2, LOG_T, HAS_KEY2), 0)
+            todo = in_batch
+            owner = rows  # the row whose value is the slot's shift
+            while tl.max(todo.to(tl.int32), axis=0) > 0:
+                # finished lanes compare against -1, which never matches, so they write nothing
+                prev = tl.atomic_cas(table_ptr + pos, tl.where(todo, 0, -1), rows + 1)
+                claimed = prev == 0
+                taken = todo & (prev > 0)
+                same = taken & (tl.load(key_ptr + prev - 1, mask=taken, other=0) == key)
+                if HAS_KEY2:
+                    same = same & (tl.load(key2_ptr + prev - 1, mask=taken, other=0) == key2)
+                found = todo & (claimed | same)
+                owner = tl.where(found & same, prev - 1, owner)
+                todo = todo & ~found
+                pos = tl.where(todo, (pos + 1) & (T - 1), pos)  # linear probing
+            value = tl.load(values_ptr + rows, mask=in_batch, other=0.0).to(tl.float32)
+            shifted = value - tl.load(values_ptr + owner, mask=in_batch, other=0.0).to(tl.float32)
+            tl.atomic_add(stats_ptr + pos, 1.0, mask=in_batch)
+            tl.atomic_add(stats_ptr + T + pos, shifted, mask=in_batch)
+            tl.atomic_add(stats_ptr + 2 * T + pos, shifted * shifted, mask=in_batch)
+            tl.store(slot_ptr + rows, pos, mask=in_batch)
+        tl.debug_barrier()  # every atomic has landed before any row reads its statistics
+
+    @triton.jit
+    def _segment_row_stats(values_ptr, table_ptr, stats_ptr, slot_ptr, rows, in_batch, T):
+        """Phase 2 inputs for a block of rows: value, n, r - mean_g, unbiased std_g, and the group's
+        exact sum of (r - shift) and shift (BRPO rebuilds sum r from them)."""
+        value = tl.load(values_ptr + rows, mask=in_batch, other=0.0).to(tl.float32)
+        slot = tl.load(slot_ptr + rows, mask=in_batch, other=0)
+        # .cg: read the accumulators from L2, where the atomics landed, not from a stale L1 line
+        owner = tl.load(table_ptr + slot, mask=in_batch, other=1, cache_modifier=".cg") - 1
+        count = tl.load(stats_ptr + slot, mask=in_batch, other=1.0, cache_modifier=".cg")
+        total = tl.load(stats_ptr + T + slot, mask=in_batch, other=0.0, cache_modifier=".cg")
+        squares = tl.load(stats_ptr + 2 * T + slot, mask=in_batch, other=0.0, cache_modifier=".cg")
+        shift = tl.load(values_ptr + owner, mask=in_batch, other=0.0).to(tl.float32)
+        mean_shifted = total / count
+        var = tl.maximum(squares - total * mean_shifted, 0.0) / tl.maximum(count - 1.0, 1.0)
+        centred = (value - shift) - mean_shifted
+        return value, count, centred, tl.sqrt(var), total, shift
+
+    @triton.jit
+    def _apply_rule_block(
+        value, count, centred, std, eps,
+        DIVIDE_BY_STD: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SINGLETON_KEEPS_REWARD: tl.constexpr,
+    ):
+        """Kernel twin of `_apply_rule` without the batch whitening."""
+        if LEAVE_ONE_OUT:
+            adv = centred * count / tl.maximum(count - 1.0, 1.0)
+        elif DIVIDE_BY_STD:
+            adv = centred / (std + eps)
+        else:
+            adv = centred
+        if SINGLETON_KEEPS_REWARD:
+            if DIVIDE_BY_STD:
+                alone = value / (1.0 + eps)
+            else:
+                alone = value
+        else:
+            alone = tl.zeros_like(value)
+        return tl.where(count == 1.0, alone, adv)
+
+    @triton.jit
+    def _group_advantages_fwd_kernel(
+        values_ptr, key_ptr, out_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T, eps,
+        DIVIDE_BY_STD: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SINGLETON_KEEPS_REWARD: tl.constexpr,
+        WHITEN_BATCH: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        _build_segments(values_ptr, key_ptr, key_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T,
+                        False, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        batch_sum = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, B, BLOCK):
+            rows = start + offs
+            in_batch = rows < B
+            value, count, centred, std, _, _ = _segment_row_stats(
+                values_ptr, table_ptr, stats_ptr, slot_ptr, rows, in_batch, T)
+            adv = _apply_rule_block(value, count, centred, std, eps,
+                                    DIVIDE_BY_STD, LEAVE_ONE_OUT, SINGLETON_KEEPS_REWARD)
+            tl.store(out_ptr + rows, adv, mask=in_batch)
+            batch_sum += tl.where(in_batch, adv, 0.0)
+        if WHITEN_BATCH:  # two more passes over out (B floats): mean, then centred variance
+            tl.debug_barrier()
+            batch_mean = tl.sum(batch_sum, axis=0) / B
+            batch_m2 = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, B, BLOCK):
+                rows = start + offs
+                in_batch = rows < B
+                x = tl.load(out_ptr + rows, mask=in_batch, other=0.0) - batch_mean
+                batch_m2 += tl.where(in_batch, x * x, 0.0)
+            batch_std = tl.sqrt(tl.sum(batch_m2, axis=0) / tl.maximum(B - 1, 1))
+            for start in range(0, B, BLOCK):
+                rows = start + offs
+                in_batch = rows < B
+                x = tl.load(out_ptr + rows, mask=in_batch, other=0.0) - batch_mean
+                tl.store(out_ptr + rows, x / (batch_std + eps), mask=in_batch)
+
+    @triton.jit
+    def _brpo_advantages_fwd_kernel(
+        values_ptr, key_ptr, out_ptr, kept_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T,
+        skew_threshold, BLOCK: tl.constexpr,
+    ):
+        _build_segments(values_ptr, key_ptr, key_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T,
+                        False, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, B, BLOCK):
+            rows = start + offs
+            in_batch = rows < B
+            value, count, _, _, total_shifted, shift = _segment_row_stats(
+                values_ptr, table_ptr, stats_ptr, slot_ptr, rows, in_batch, T)
+            total = total_shifted + count * shift  # sums of -1/0/+1: exact integers in float32
+            kept = tl.abs(total) <= skew_threshold * count
+            tl.store(out_ptr + rows, tl.where(kept, value, 0.0), mask=in_batch)
+            tl.store(kept_ptr + rows, kept.to(tl.int8), mask=in_batch)
+
+    @triton.jit
+    def _gigpo_advantages_fwd_kernel(
+        episode_ptr, group_ptr, step_ptr, anchor_ptr, out_ptr,
+        table_ptr, stats_ptr, slot_ptr, anchor_table_ptr, anchor_stats_ptr, anchor_slot_ptr,
+        B, T, LOG_T, step_weight, eps, DIVIDE_BY_STD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # the same segmented machinery twice: groups by group id, anchors by (group id, anchor id)
+        _build_segments(episode_ptr, group_ptr, group_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T,
+                        False, BLOCK)
+        _build_segments(step_ptr, group_ptr, anchor_ptr, anchor_table_ptr, anchor_stats_ptr,
+                        anchor_slot_ptr, B, T, LOG_T, True, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, B, BLOCK):
+            rows = start + offs
+            in_batch = rows < B
+            value, count, centred, std, _, _ = _segment_row_stats(
+                episode_ptr, table_ptr, stats_ptr, slot_ptr, rows, in_batch, T)
+            a_episode = _apply_rule_block(value, count, centred, std, eps, DIVIDE_BY_STD, False, True)
+            value, count, centred, std, _, _ = _segment_row_stats(
+                step_ptr, anchor_table_ptr, anchor_stats_ptr, anchor_slot_ptr, rows, in_batch, T)
+            a_step = _apply_rule_block(value, count, centred, std, eps, DIVIDE_BY_STD, False, False)
+            tl.store(out_ptr + rows, a_episode + step_weight * a_step, mask=in_batch)
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    """Launch geometry of the single-program kernels."""
+
+    block: int
+    """Rows per loop step (and hash-table slots cleared per step)."""
+    num_warps: int
+
+
+def _launch_config(num_rows: int, device: torch.device) -> _LaunchConfig:
+    if device.type != "cuda":  # the interpreter pays per loop step, not per element
+        return _LaunchConfig(block=max(64, min(1024, next_power_of_2(num_rows))), num_warps=1)
+    return _LaunchConfig(block=1024, num_warps=8)
+
+
+def _segment_scratch(num_rows: int, device: torch.device):
+    """Uninitialised scratch (the kernel clears it): table [T] int32, stats [3, T] f32, slot [B] int32."""
+    slots = max(2, next_power_of_2(2 * num_rows))  # load factor <= 1/2 keeps probe chains short
+    table = torch.empty(slots, dtype=torch.int32, device=device)
+    stats = torch.empty(3, slots, dtype=torch.float32, device=device)
+    slot = torch.empty(num_rows, dtype=torch.int32, device=device)
+    return table, stats, slot, slots
+
+
+def _ids(ids: torch.Tensor) -> torch.Tensor:
+    return ids.to(torch.int64).contiguous()
+
+
+def _group_advantages_triton(rewards, group_ids, estimator: str, eps: float, out=None) -> torch.Tensor:
+    if out is None:  # tests pass a poisoned buffer here
+        out = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)  # [B]
+    if rewards.numel() == 0:
+        return out
+    rule = _ESTIMATOR_RULES[estimator]
+    table, stats, slot, slots = _segment_scratch(rewards.numel(), rewards.device)
+    cfg = _launch_config(rewards.numel(), rewards.device)
+    _group_advantages_fwd_kernel[(1,)](
+        rewards.contiguous(), _ids(group_ids), out, table, stats, slot, rewards.numel(), slots,
+        slots.bit_length() - 1, float(eps),
+        DIVIDE_BY_STD=rule.divide_by_std, LEAVE_ONE_OUT=rule.leave_one_out,
+        SINGLETON_KEEPS_REWARD=rule.singleton_keeps_reward, WHITEN_BATCH=rule.whiten_batch,
+        BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def _brpo_advantages_triton(pairwise_rewards, group_ids, skew_threshold: float, out=None, kept=None):
+    num_rows = pairwise_rewards.numel()
+    if out is None:
+        out = torch.empty(pairwise_rewards.shape, dtype=torch.float32, device=pairwise_rewards.device)
+    if kept is None:
+        kept = torch.empty(pairwise_rewards.shape, dtype=torch.int8, device=pairwise_rewards.device)
+    if num_rows:
+        table, stats, slot, slots = _segment_scratch(num_rows, pairwise_rewards.device)
+        cfg = _launch_config(num_rows, pairwise_rewards.device)
+        _brpo_advantages_fwd_kernel[(1,)](
+            pairwise_rewards.to(torch.float32).contiguous(), _ids(group_ids), out, kept, table, stats, slot, num_rows,
+            slots, slots.bit_length() - 1, float(skew_threshold), BLOCK=cfg.block, num_warps=cfg.num_warps,
+        )
+    return out, kept.view(torch.bool)
+
+
+def _gigpo_advantages_triton(episode_returns, group_ids, step_returns, anchor_ids, step_weight: float,
+                             mode: str, eps: float, out=None) -> torch.Tensor:
+    num_rows = episode_returns.numel()
+    if out is None:
+        out = torch.empty(episode_returns.shape, dtype=torch.float32, device=episode_returns.device)
+    if num_rows == 0:
+        return out
+    table, stats, slot, slots = _segment_scratch(num_rows, episode_returns.device)
+    anchor_table, anchor_stats, anchor_slot, _ = _segment_scratch(num_rows, episode_returns.device)
+    cfg = _launch_config(num_rows, episode_returns.device)
+    _gigpo_advantages_fwd_kernel[(1,)](
+        episode_returns.contiguous(), _ids(group_ids), step_returns.contiguous(), _ids(anchor_ids), out,
+        table, stats, slot, anchor_table, anchor_stats, anchor_slot, num_rows, slots, slots.bit_length() - 1,
+        float(step_weight), float(eps), DIVIDE_BY_STD=mode == "mean_std_norm",
+        BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# Opaque custom ops so torch.compile traces through calls to the kernels (fake = shape/dtype only).
+# No autograd: advantages are treated as constants by every policy-gradient loss.
+
+
+@torch.library.custom_op("wz::group_advantages_fwd", mutates_args=())
+def _group_advantages_op(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str,
+                         eps: float) -> torch.Tensor:
+    return _group_advantages_triton(rewards, group_ids, estimator, eps)
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_ids, estimator, eps):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("wz::brpo_advantages_fwd", mutates_args=())
+def _brpo_advantages_op(pairwise_rewards: torch.Tensor, group_ids: torch.Tensor,
+                        skew_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _brpo_advantages_triton(pairwise_rewards, group_ids, skew_threshold)
+
+
+@_brpo_advantages_op.register_fake
+def _(pairwise_rewards, group_ids, skew_threshold):
+    shape = pairwise_rewards.shape
+    return (pairwise_rewards.new_empty(shape, dtype=torch.float32),
+            pairwise_rewards.new_empty(shape, dtype=torch.bool))
+
+
+@torch.library.custom_op("wz::gigpo_advantages_fwd", mutates_args=())
+def _gigpo_advantages_op(episode_returns: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor,
+                         anchor_ids: torch.Tensor, step_weight: float, mode: str, eps: float) -> torch.Tensor:
+    return _gigpo_advantages_triton(episode_returns, group_ids, step_returns, anchor_ids, step_weight, mode, eps)
+
+
+@_gigpo_advantages_op.register_fake
+def _(episode_returns, group_ids, step_returns, anchor_ids, step_weight, mode, eps):
+    return episode_returns.new_empty(episode_returns.shape, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_rows(op: str, name: str, values, *, like: torch.Tensor | None, floating: bool | None,
+                integer: bool | None) -> None:
+    """values must be a 1-D tensor (of like's shape and device when given)."""
+    check_tensor(op, name, values, ndim=1, floating=floating, integer=integer,
+                 shape=None if like is None else tuple(like.shape),
+                 device=None if like is None else like.device)
+
+
+def _check_scalar(op: str, name: str, value, *, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str = "grpo", *, eps: float = 1e-6,
+    impl: str = "auto", validate: bool = True,
+) -> torch.Tensor:
+    """Group-relative advantages of scalar rewards.
+
+    Args:
+        rewards: [B] floating, one scalar reward per sequence.
+        group_ids: [B] integer, the group (prompt) of each row: arbitrary int64 values, unsorted,
+            non-contiguous, groups of unequal sizes.
+        estimator: "grpo", "dr_grpo", "rloo" or "reinforce_pp_baseline" (module docstring gives the
+            formulas and the rule for groups of one).
+        eps: added to the std in the denominators.
+        impl: "auto" (Triton on CUDA, reference on CPU), "reference" or "triton".
+        validate: check that rewards are finite (one host sync on CUDA tensors).
+    Returns:
+        advantages [B] float32.
+    """
+    op = "group_advantages"
+    _check_rows(op, "rewards", rewards, like=None, floating=True, integer=None)
+    _check_rows(op, "group_ids", group_ids, like=rewards, floating=None, integer=True)
+    check_choice(op, "estimator", estimator, ESTIMATORS)
+    _check_scalar(op, "eps", eps, minimum=0.0)
+    if validate:
+        check_finite(op, "rewards", rewards)
+    if resolve_impl(impl, rewards.device, op=op) == "reference":
+        return group_advantages_reference(rewards, group_ids, estimator, eps=eps)
+    return torch.ops.wz.group_advantages_fwd(rewards, group_ids, estimator, float(eps))
+
+
+def brpo_advantages(
+    pairwise_rewards: torch.Tensor, group_ids: torch.Tensor, *, skew_threshold: float = 0.6,
+    impl: str = "auto", validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BRPO advantages: A = r with no normalisation, and the skew filter.
+
+    Args:
+        pairwise_rewards: [B] float or integer, each rollout's verdict against its group's
+            bootstrapped reference: +1 win, -1 loss, 0 for the reference itself or no signal.
+        group_ids: [B] integer, arbitrary int64 group ids (as in `group_advantages`).
+        skew_threshold: a group is dropped when |sum r| > skew_threshold * group_size (its reference
+            was an outlier); its rows get A = 0. The comparison is done in float32.
+        impl: "auto", "reference" or "triton".
+        validate: check that every reward is -1, 0 or +1 (one host sync on CUDA tensors).
+    Returns:
+        advantages [B] float32, and kept [B] bool: True where the row's group passed the filter.
+        Per row because that is what a trainer masks with; the dropped groups are
+        `group_ids[~kept].unique()`, the drop rate over rows is `1 - kept.float().mean()`.
+    """
+    op = "brpo_advantages"
+    _check_rows(op, "pairwise_rewards", pairwise_rewards, like=None, floating=None, integer=None)
+    if pairwise_rewards.dtype == torch.bool or pairwise_rewards.is_complex():
+        raise ValueError(f"{op}: pairwise_rewards must be a real float or integer tensor, "
+                         f"got {pairwise_rewards.dtype}")
+    _check_rows(op, "group_ids", group_ids, like=pairwise_rewards, floating=None, integer=True)
+    _check_scalar(op, "skew_threshold", skew_threshold, minimum=0.0)
+    if validate and pairwise_rewards.numel():
+        allowed = (pairwise_rewards == 0) | (pairwise_rewards == 1) | (pairwise_rewards == -1)
+        if not bool(allowed.all()):
+            bad = pairwise_rewards[~allowed][:4].tolist()
+            raise ValueError(f"{op}: pairwise_rewards must hold only -1, 0 or +1; found {bad}")
+    if resolve_impl(impl, pairwise_rewards.device, op=op) == "reference":
+        adv, kept = brpo_advantages_reference(pairwise_rewards, group_ids, skew_threshold=skew_threshold)
+        return adv, kept
+    return torch.ops.wz.brpo_advantages_fwd(pairwise_rewards, group_ids, float(skew_threshold))
+
+
+def gigpo_advantages(
+    episode_returns: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor,
+    anchor_ids: torch.Tensor, *, step_weight: float = 1.0, mode: str = "mean_norm", eps: float = 1e-6,
+    impl: str = "auto", validate: bool = True,
+) -> torch.Tensor:
+    """GiGPO advantages, one row per environment step: A = A_episode + step_weight * A_step.
+
+    Args:
+        episode_returns: [B] floating, the return of the trajectory the step belongs to.
+        group_ids: [B] integer, the trajectory group (same prompt / task) of each step.
+        step_returns: [B] floating, the (discounted) return from this step on.
+        anchor_ids: [B] integer, the anchor state (e.g. a hash of the observation). Anchor groups
+            are rows with the same anchor id inside the same group id.
+        step_weight: w, the weight of the step-level term.
+        mode: "mean_norm" (x - mean) or "mean_std_norm" ((x - mean) / (std + eps), std unbiased),
+            used at both levels.
+        impl: "auto", "reference" or "triton".
+        validate: check that both returns are finite (one host sync on CUDA tensors).
+    Returns:
+        advantages [B] float32. A_episode follows grpo's convention for a group of one (baseline 0,
+        std 1); a singleton anchor group gives A_step = 0.
+    """
+    op = "gigpo_advantages"
+    _check_rows(op, "episode_returns", episode_returns, like=None, floating=True, integer=None)
+    _check_rows(op, "group_ids", group_ids, like=episode_returns, floating=None, integer=True)
+    _check_rows(op, "step_returns", step_returns, like=episode_returns, floating=True, integer=None)
+    _check_rows(op, "anchor_ids", anchor_ids, like=episode_returns, floating=None, integer=True)
+    check_choice(op, "mode", mode, GIGPO_MODES)
+    _check_scalar(op, "step_weight", step_weight)
+    _check_scalar(op, "eps", eps, minimum=0.0)
+    if validate:
+        check_finite(op, "episode_returns", episode_returns)
+        check_finite(op, "step_returns", step_returns)
+    if resolve_impl(impl, episode_returns.device, op=op) == "reference":
+        return gigpo_advantages_reference(episode_returns, group_ids, step_returns, anchor_ids,
+                                          step_weight=step_weight, mode=mode, eps=eps).float()
+    return torch.ops.wz.gigpo_advantages_fwd(episode_returns, group_ids, step_returns, anchor_ids,
+                                             float(step_weight), mode, float(eps))
