@@ -1,0 +1,163 @@
+"""WZGRPOTrainer against the installed TRL: same loss, same gradients, same metrics, on the same batch.
+
+A tiny Qwen2 is saved with save_pretrained (TRL rebuilds the reference model from the path when beta > 0);
+both trainers load it from there, so their weights are identical. One batch comes from TRL's own
+`_generate_and_score_completions`; it is then made harder: random advantages, ragged completion masks
+(a 1-token and an empty row), a tool mask, perturbed reference log-probs, and off-policy old log-probs.
+"""
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer  # noqa: E402
+from wz_engine.integrations.trl import WZGRPOTrainer, trl_loss_normalisation  # noqa: E402
+
+PROMPTS = ["write a poem", "tell a story", "the cat sat", "numbers one two"]
+MAX_COMPLETION = 8
+GRAD_ACCUM = 2
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    corpus = PROMPTS * 5 + ["once upon a time there was a small model that wrote short poems"] * 5
+    tok = build_tokenizer(corpus, vocab_size=300)
+    model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def make_trainer(cls, model_dir, out_dir, **overrides):
+    from transformers import AutoTokenizer
+
+    options = dict(output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=4, num_generations=2,
+                   max_completion_length=MAX_COMPLETION, gradient_accumulation_steps=GRAD_ACCUM, temperature=0.7,
+                   epsilon=0.2, epsilon_high=0.28, report_to=[], save_strategy="no", logging_steps=1, seed=0,
+                   max_steps=3, bf16=False)  # fp32: TRL autocasts its LM head to bf16 by default
+    options.update(overrides)
+    trainer = cls(model=model_dir, reward_funcs=length_reward, args=GRPOConfig(**options),
+                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer.current_gradient_accumulation_steps = GRAD_ACCUM  # set by Trainer's loop; compute_loss reads it
+    trainer.model.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def batches(model_dir, tmp_path_factory):
+    """(on-policy inputs, off-policy inputs) built from one real TRL generation batch."""
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path_factory.mktemp("gen"), beta=0.1)
+    rows = [{"prompt": p} for p in PROMPTS for _ in range(2)]
+    with torch.no_grad():
+        inputs = trainer._generate_and_score_completions(rows)
+    gen = torch.Generator().manual_seed(1)
+    b, t = inputs["completion_ids"].shape
+    assert t == MAX_COMPLETION and "ref_per_token_logps" in inputs and "old_per_token_logps" not in inputs
+    mask = inputs["completion_mask"].clone()
+    lengths = torch.tensor([8, 5, 1, 0, 8, 3, 7, 6])[:b]
+    mask[torch.arange(t).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    inputs["completion_mask"] = mask
+    inputs["num_items_in_batch"] = mask.sum()
+    inputs["advantages"] = torch.randn(b, generator=gen)
+    inputs["ref_per_token_logps"] = inputs["ref_per_token_logps"] + 0.5 * torch.randn(b, t, generator=gen)
+    on_policy = inputs
+    off_policy = copy.copy(inputs)
+    tool_mask = torch.ones_like(mask)
+    tool_mask[0, 2:4] = 0
+    off_policy["tool_mask"] = tool_mask
+    off_policy["num_items_in_batch"] = (mask * tool_mask).sum()
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], mask], 1), t)
+    off_policy["old_per_token_logps"] = logps + 0.3 * torch.randn(b, t, generator=gen)
+    return on_policy, off_policy
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+CASES = [  # (loss_type, beta, extra config)
+    ("grpo", 0.0, {"delta": 1.5}),
+    ("bnpo", 0.0, {}),
+    ("dr_grpo", 0.0, {}),
+    ("dapo", 0.0, {}),
+    ("grpo", 0.05, {"use_bias_correction_kl": True}),
+    ("bnpo", 0.05, {"use_bias_correction_kl": False}),
+    ("dr_grpo", 0.05, {"use_bias_correction_kl": True}),
+    ("dapo", 0.05, {"use_bias_correction_kl": False}),
+]
+
+
+@pytest.mark.parametrize("loss_type,beta,extra", CASES, ids=[f"{c[0]}-beta{c[1]}" for c in CASES])
+def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, beta, extra):
+    stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", loss_type=loss_type, beta=beta, **extra)
+    ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", loss_type=loss_type, beta=beta, **extra)
+    for name, inputs in zip(("on-policy", "off-policy"), batches):
+        want_loss, want_grads = loss_and_grads(stock, inputs)
+        got_loss, got_grads = loss_and_grads(ours, inputs)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-7, msg=f"{name}: loss")
+        assert want_grads.keys() == got_grads.keys()
+        assert any(g.abs().max() > 0 for g in want_grads.values()), "degenerate case: no gradient at all"
+        for param, want in want_grads.items():
+            torch.testing.assert_close(got_grads[param], want, rtol=1e-4, atol=1e-7, msg=f"{name}: grad {param}")
+        for metric in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (
+                ("kl",) if beta else ()):
+            assert ours._metrics["train"][metric][-1] == pytest.approx(stock._metrics["train"][metric][-1],
+                                                                       rel=1e-5, abs=1e-7), f"{name}: {metric}"
+    # the off-policy batch really exercises the clipping (otherwise the metric comparison proves little)
+    assert stock._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+
+
+def test_three_training_steps(model_dir, tmp_path):
+    trainer = make_trainer(WZGRPOTrainer, model_dir, tmp_path, beta=0.04, gradient_accumulation_steps=1,
+                           learning_rate=1e-3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert trainer.state.global_step == 3
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(x)) for x in losses)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "lm_head.weight" in changed and len(changed) > len(before) // 2
+
+
+@pytest.mark.parametrize("option,value", [
+    ("loss_type", "cispo"), ("loss_type", "sapo"), ("importance_sampling_level", "sequence"),
+    ("top_entropy_quantile", 0.2), ("entropy_coef", 0.01), ("delta", 1.1), ("off_policy_mask_threshold", 0.5),
+    ("cast_lm_head_to_fp32", True),
+])
+def test_unsupported_option_is_a_clear_error(model_dir, tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        make_trainer(WZGRPOTrainer, model_dir, tmp_path, **{option: value})
+
+
+def test_dapo_normaliser_matches_trl_formula():
+    norm = trl_loss_normalisation("dapo", num_sequences=4, max_completion_length=8, num_items_in_batch=torch.tensor(30),
+                                  num_processes=2, grad_accum_steps=4, steps_per_generation=2, training=True)
+    assert norm.agg == "token-mean" and float(norm.global_tokens) == pytest.approx(30 / 2 * 4 / 2)
+    assert norm.divisor == 1.0
+    evaluation = trl_loss_normalisation("grpo", num_sequences=4, max_completion_length=8, num_items_in_batch=None,
+                                        num_processes=1, grad_accum_steps=4, steps_per_generation=4, training=False)
+    assert evaluation.divisor == 1.0 and evaluation.global_seqs == 4
+    with pytest.raises(ValueError, match="loss_type"):
+        trl_loss_normalisation("luspo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
+                               num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
