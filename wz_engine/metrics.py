@@ -1,0 +1,159 @@
+"""Run logs: JSONL every step (always), TensorBoard when installed, W&B opt-in, a progress bar,
+per-phase wall time with NVTX ranges, and Writing-Zero's reward-hacking monitors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("wz_engine")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class PhaseTimer:
+    """`with timer("rollout"):` records wall time per phase and opens an NVTX range of that name."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        try:
+            import nvtx
+
+            self._annotate = nvtx.annotate
+        except ImportError:  # pragma: no cover
+            self._annotate = None
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        range_ = self._annotate(f"wz/{phase}") if self._annotate else contextlib.nullcontext()
+        start = time.perf_counter()
+        with range_:
+            yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        self.times = {}
+        return out
+
+
+def reward_monitors(rewards: torch.Tensor, lengths: torch.Tensor) -> dict[str, float]:
+    """Mean / max response length and corr(reward, length) (NaN when either is constant)."""
+    lengths = lengths.double()
+    r = rewards.double()
+    out = {"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+           "reward/mean": float(r.mean())}
+    if r.numel() > 1 and float(r.std()) > 0 and float(lengths.std()) > 0:
+        out["reward/length_corr"] = float(torch.corrcoef(torch.stack([r, lengths]))[0, 1])
+    else:
+        out["reward/length_corr"] = float("nan")
+    return out
+
+
+class MetricsLogger:
+    """Writes one JSON line per step to output_dir/metrics.jsonl (main rank only), plus TensorBoard
+    scalars and W&B when enabled."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "wz-engine", config: dict | None = None, resume: bool = False):
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file = (self.dir / METRICS_FILE).open("a" if resume else "w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: skipping event files")
+        if wandb:
+            import wandb as wandb_mod
+
+            self._wandb = wandb_mod.init(project=wandb_project, config=config, dir=str(self.dir),
+                                         resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    return v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ValueError(f"run_dir: no {METRICS_FILE} in {str(run_dir)!r}")
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+DEFAULT_PLOT_KEYS = ("reward/mean", "loss", "response/length_mean", "reward/length_corr", "brpo/skew_drop_rate",
+                     "judge/position_bias", "entropy", "grad_norm", "kl_mean", "tokens_per_s")
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, keys=DEFAULT_PLOT_KEYS) -> Path:
+    """Plot the metric curves of a run to a PNG (default run_dir/curves.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        raise ValueError(f"run_dir: {str(run_dir)!r} has no metrics to plot")
+    cols = 2
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(10, 2.6 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

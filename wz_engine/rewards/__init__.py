@@ -1,0 +1,1 @@
+"""Rewards: pairwise judges (BRPO), pointwise rule rewards, a scalar reward model, DAPO shaping."""

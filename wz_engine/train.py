@@ -1,0 +1,509 @@
+"""The BRPO trainer: `torchrun --nproc_per_node=N -m wz_engine.train run.toml [--set k=v] [--resume]`.
+
+One step is a straight line (DESIGN.md section 4):
+
+    prompts -> rollout -> judge / rewards -> advantages -> packing -> old/ref log-probs -> update
+            -> weight sync -> log, checkpoint
+
+Plain `python -m wz_engine.train run.toml` runs the same code at world size 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from wz_engine import checkpoint as ckpt
+from wz_engine import distributed as wzdist
+from wz_engine.config import RunConfig, load_config
+from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
+from wz_engine.metrics import MetricsLogger, PhaseTimer, reward_monitors
+from wz_engine.rewards.advantages import compute_advantages
+from wz_engine.rewards.dapo import informative_groups, overlong_penalty
+from wz_engine.rollout.base import SamplingParams
+from wz_engine.update import (LossOptions, PackedPolicy, accumulate_gradients, clip_and_norm, lr_lambda,
+                              pack_for_update, packed_logprobs)
+
+log = logging.getLogger("wz_engine")
+
+TOKENIZER_DIR = "tokenizer"
+HF_CONFIG_DIR = "hf_config"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer_and_model(cfg: RunConfig, output_dir: Path, prompt_texts: list[str] | None = None):
+    """(tokenizer, causal LM in float32/bf16 on CPU). A tiny model's tokenizer is trained on the
+    run's prompts (the demo's judge vocabulary for the demo set) and saved in the run directory so
+    that a resumed run and `wz export` get exactly the same one."""
+    mc = cfg.model
+    if mc.attn_implementation == "wz_varlen":
+        import wz_engine.attention  # noqa: F401  (registers "wz_varlen" with transformers)
+    dtype = torch.bfloat16 if mc.dtype == "bfloat16" else torch.float32
+    if mc.path == "tiny":
+        from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer
+
+        saved = output_dir / TOKENIZER_DIR
+        if saved.is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(saved))
+        else:
+            if cfg.data.path == "demo":
+                from wz_engine.demo.judge import corpus
+
+                texts = corpus()
+            else:
+                texts = list(prompt_texts or [])
+            tokenizer = build_tokenizer(texts, vocab_size=mc.tiny.vocab_size)
+        t = mc.tiny
+        lm = build_tiny_qwen2(len(tokenizer), hidden_size=t.hidden_size, num_layers=t.num_layers,
+                              num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                              intermediate_size=t.intermediate_size, seed=t.seed,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        lm.set_attn_implementation(mc.attn_implementation)
+        lm = lm.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(mc.path, trust_remote_code=mc.trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(mc.path, dtype=dtype, attn_implementation=mc.attn_implementation,
+                                                  trust_remote_code=mc.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.config.use_cache = False
+    return tokenizer, lm
+
+
+def build_reward_source(cfg: RunConfig, lm, tokenizer, device, gather):
+    """The judge (pairwise) or the pointwise reward for `cfg.judge.kind`."""
+    kind = cfg.judge.kind
+    if kind == "callable":
+        from wz_engine.judge.programmatic import CallableJudge
+
+        return CallableJudge.from_path(cfg.judge.callable)
+    if kind == "genrm":
+        from wz_engine.judge.genrm import GenRM
+        from wz_engine.judge.sharing import build_judge_engine
+        from wz_engine.rollout.hf import HFSampler
+
+        engine = build_judge_engine(cfg.judge.genrm, lm, tokenizer,
+                                    sampler_factory=lambda m, t: HFSampler(m, t, gather=gather,
+                                                                           seed=cfg.train.seed + 7919))
+        return GenRM(engine.sampler, engine.tokenizer, cfg.judge.genrm)
+    if kind == "rule":
+        from wz_engine.rewards.rules import RuleReward
+
+        return RuleReward(cfg.judge.callable)
+    from wz_engine.rewards.scalar_rm import ScalarRewardModel
+
+    return ScalarRewardModel(cfg.judge.scalar_rm_path, device=device, batch_size=cfg.judge.scalar_rm_batch_size)
+
+
+def build_sampler(cfg: RunConfig, policy: PackedPolicy, tokenizer, info: wzdist.DistInfo):
+    if cfg.rollout.sampler == "vllm":
+        from wz_engine.rollout.vllm import VLLMSampler  # owned by the vLLM issue
+
+        cfg.rollout.vllm.check_install()
+        return VLLMSampler(cfg.rollout.vllm, policy.lm, tokenizer)
+    from wz_engine.rollout.hf import HFSampler
+
+    return HFSampler(policy.lm, tokenizer, gather=lambda: wzdist.gathered_for_generation(policy),
+                     seed=cfg.train.seed * 1000 + info.rank)
+
+
+def _seed_for(*keys: int) -> int:
+    return int(np.random.default_rng([int(k) for k in keys]).integers(0, 2**62))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the run's state; `step()` is the straight line above, `fit()` the loop around it."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.info = wzdist.init_distributed(cfg.distributed.backend)
+        self.out = Path(cfg.train.output_dir)
+        self.device = self.info.device
+        P, W = cfg.rollout.prompts_per_step, self.info.world_size
+        if P % W:
+            raise ValueError(f"rollout.prompts_per_step: {P} is not divisible by the world size {W}")
+        if self.device.type == "cpu" and cfg.train.cpu_threads > 0:
+            torch.set_num_threads(cfg.train.cpu_threads)
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+
+        rows = load_rows(cfg.data)
+        tokenizer, lm = build_tokenizer_and_model(cfg, self.out, [str(r[cfg.data.prompt_field]) for r in rows])
+        self.tokenizer = tokenizer
+        prompts, self.filtered = render_prompts(rows, tokenizer, cfg.data)
+        self.train_prompts, self.holdout_prompts = split_holdout(prompts, cfg.data.holdout)
+        self.stream = PromptStream(self.train_prompts, cfg.train.seed, cfg.data.shuffle)
+
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(self.out / TOKENIZER_DIR))
+            lm.config.save_pretrained(str(self.out / HF_CONFIG_DIR))
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+        ref_lm = copy.deepcopy(lm).requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
+        if cfg.model.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.to(self.device)
+        self.policy = wzdist.shard_model(PackedPolicy(lm), lm, self.info, cfg.distributed.mixed_precision,
+                                         cfg.distributed.reshard_after_forward)
+        self.ref = None
+        if ref_lm is not None:
+            ref_lm.to(self.device)
+            self.ref = wzdist.shard_model(PackedPolicy(ref_lm), ref_lm, self.info, cfg.distributed.mixed_precision)
+            self.ref.eval()
+        self._warm_up_fsdp()
+
+        oc = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=oc.lr,
+                                           betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(oc.warmup_steps, cfg.train.steps, oc.schedule, oc.min_lr_ratio))
+        self.sampler = build_sampler(cfg, self.policy, tokenizer, self.info)
+        self.rewarder = build_reward_source(cfg, lm, tokenizer, self.device,
+                                            lambda: wzdist.gathered_for_generation(self.policy))
+        self.step_idx = 0  # completed steps
+        self.nonfinite_in_a_row = 0
+        self.stop_requested = False
+
+        if resume:
+            path = ckpt.latest_checkpoint(self.out)
+            if path is None:
+                raise ValueError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.info.rank)
+            self.step_idx = state["step"]
+            self.stream.load_state_dict(state["data"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+            if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
+                self.sampler.load_state_dict(state["sampler"])
+            if self.info.is_main:
+                _truncate_metrics(self.out, self.step_idx)
+                log.info("resumed from %s (step %d)", path, self.step_idx)
+        self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard, cfg.logging.wandb,
+                                    cfg.logging.wandb_project, cfg.to_dict(), resume=resume)
+
+    def _warm_up_fsdp(self) -> None:
+        """Run one tiny forward through each FSDP root so it initialises as the root before the sampler
+        calls its submodules directly."""
+        if not self.info.enabled:
+            return
+        from wz_engine.packing import pack_rl_batch
+
+        dummy = pack_rl_batch([[self.tokenizer.pad_token_id]], [[]], 8)[0].to(self.device)
+        with torch.no_grad():
+            for m in (self.policy, self.ref):
+                if m is not None:
+                    m(dummy)
+
+    # -- phases ---------------------------------------------------------------------------------
+    def _sampling_params(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, n=r.group_size)
+
+    def rollout(self, prompts) -> list[list]:
+        """Completions [P_local][G]. With `rollout.seed_per_prompt` every prompt is sampled alone with a
+        seed from (seed, step, uid): the samples then do not depend on the world size or batching."""
+        params = self._sampling_params()
+        if not self.cfg.rollout.seed_per_prompt:
+            return self.sampler.generate([p.token_ids for p in prompts], params)
+        return [self.sampler.generate([p.token_ids], dataclasses.replace(
+            params, seed=_seed_for(self.cfg.train.seed, self.step_idx, p.uid)))[0] for p in prompts]
+
+    def rewards(self, prompts, groups) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-> rewards [B], is_reference [B] bool, judge stats."""
+        cfg = self.cfg
+        texts = [[c.text for c in g] for g in groups]
+        if cfg.judge.kind in ("callable", "genrm"):
+            from wz_engine.rewards.brpo import assemble_brpo_rewards
+
+            out = assemble_brpo_rewards(self.rewarder, [p.text for p in prompts], texts, [p.uid for p in prompts],
+                                        step=self.step_idx, seed=cfg.train.seed, votes=cfg.algorithm.votes,
+                                        inconsistent=cfg.algorithm.inconsistent,
+                                        references=[p.reference for p in prompts])
+            return out.rewards, out.is_reference, out.stats
+        flat_prompts = [p.text for p, g in zip(prompts, texts) for _ in g]
+        flat_refs = [p.reference for p, g in zip(prompts, texts) for _ in g]
+        scores = self.rewarder.score(flat_prompts, [t for g in texts for t in g], flat_refs)
+        r = torch.tensor(scores, dtype=torch.float32)
+        return r, torch.zeros_like(r, dtype=torch.bool), {}
+
+    def advantages(self, prompts, groups, rewards, is_ref):
+        """-> advantages [B], rows in the loss [B] bool, kept-by-skew-filter [B] bool."""
+        a = self.cfg.algorithm
+        group_ids = torch.tensor([p.uid for p, g in zip(prompts, groups) for _ in g], dtype=torch.long)
+        if len(group_ids) == 0:
+            z = torch.zeros(0)
+            return z, z.bool(), z.bool()
+        adv = compute_advantages(a.estimator, rewards, group_ids, a.skew_threshold)
+        values = adv.values
+        if a.overlong_buffer > 0:
+            lengths = torch.tensor([len(c.token_ids) for g in groups for c in g])
+            values = values + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer,
+                                               a.overlong_penalty) * adv.kept
+        in_loss = ~is_ref if (a.estimator == "brpo" and not a.keep_reference) else torch.ones_like(is_ref)
+        values = torch.where(is_ref, torch.zeros_like(values), values)
+        return values, in_loss, adv.kept
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, info = self.cfg, self.info
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        P_local = cfg.rollout.prompts_per_step // info.world_size
+        kept_prompts, kept_groups, kept = [], [], {"rewards": [], "is_ref": [], "adv": [], "in_loss": [], "skew": []}
+        judge_stats: dict[str, float] = {}
+        rounds = 0
+        while True:
+            rounds += 1
+            batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
+            local = batch[info.rank * P_local:(info.rank + 1) * P_local]
+            with timer("rollout"):
+                groups = self.rollout(local)
+            with timer("judge"):
+                rewards, is_ref, stats = self.rewards(local, groups)
+            judge_stats = stats or judge_stats
+            with timer("advantage"):
+                adv, in_loss, skew_kept = self.advantages(local, groups, rewards, is_ref)
+            keep = torch.ones(len(adv), dtype=torch.bool)
+            if cfg.algorithm.dynamic_sampling and len(adv):
+                group_ids = torch.tensor([p.uid for p, g in zip(local, groups) for _ in g])
+                keep = informative_groups(adv, group_ids)
+            G = cfg.rollout.group_size
+            for i, (p, g) in enumerate(zip(local, groups)):
+                if bool(keep[i * G]) and len(kept_prompts) < P_local:
+                    kept_prompts.append(p)
+                    kept_groups.append(g)
+                    rows = slice(i * G, (i + 1) * G)
+                    for key, t in (("rewards", rewards), ("is_ref", is_ref), ("adv", adv), ("in_loss", in_loss),
+                                   ("skew", skew_kept)):
+                        kept[key].append(t[rows])
+            if not cfg.algorithm.dynamic_sampling:
+                break
+            short = float(wzdist.all_reduce(float(P_local - len(kept_prompts)), op="max"))
+            if short <= 0 or rounds >= cfg.algorithm.max_sampling_rounds:
+                break
+        cat = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in kept.items()}
+        prompt_ids = [list(p.token_ids) for p, g in zip(kept_prompts, kept_groups) for _ in g]
+        response_ids = [list(c.token_ids) for g in kept_groups for c in g]
+
+        with timer("pack"):
+            ub = pack_for_update(prompt_ids, response_ids, cat["adv"], cat["in_loss"].bool(),
+                                 cfg.train.micro_batch_tokens, self.tokenizer.pad_token_id)
+        temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.policy.train()
+        with timer("logprob"):
+            old_lps, ents = packed_logprobs(self.policy, ub, self.device, temperature, return_entropy=True)
+            ref_lps = packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
+        with timer("update"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_opts = LossOptions(cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.dual_clip,
+                                    cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.agg,
+                                    (cfg.algorithm.loss_scale or float(cfg.rollout.max_new_tokens))
+                                    if cfg.algorithm.agg == "seq-mean-token-sum-norm" else None)
+            metrics = accumulate_gradients(self.policy, ub, old_lps, ref_lps, self.device, temperature, loss_opts)
+            grad_norm = clip_and_norm(self.policy, cfg.optim.grad_clip)
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.nonfinite_in_a_row = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
+                            self.step_idx + 1, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+        with timer("sync"):
+            self.sampler.update_weights(self.policy, self.step_idx + 1)
+        self.step_idx += 1
+        if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            raise RuntimeError(f"aborting: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
+                               f"gradient (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); "
+                               "lower optim.lr or check the rewards")
+        return self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, kept_groups,
+                                  judge_stats, rounds)
+
+    def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
+        lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
+        masks = ub.masks
+        ent_sum = sum(float((e * m).sum()) for e, m in zip(ents, masks))
+        tokens = sum(b.num_tokens for b in ub.batches)
+        n_groups = len(groups)
+        dropped = float((~cat["skew"].bool()).sum()) / max(self.cfg.rollout.group_size, 1) if len(cat["skew"]) else 0
+        # Gather what needs all ranks (sums), then per-rank monitors from rank 0's shard + sums.
+        sums = wzdist.all_reduce(torch.tensor([ent_sum, float(tokens), float(n_groups), dropped,
+                                               float(lengths.sum()), float(len(lengths)),
+                                               float(lengths.max()) if len(lengths) else 0.0],
+                                              dtype=torch.float64))
+        max_len = float(wzdist.all_reduce(float(lengths.max()) if len(lengths) else 0.0, op="max"))
+        all_rewards = torch.cat([torch.as_tensor(x) for x in wzdist.all_gather_object(cat["rewards"].tolist())])
+        all_lengths = torch.cat([torch.as_tensor(x, dtype=torch.float64)
+                                 for x in wzdist.all_gather_object(lengths.tolist())])
+        wall = time.perf_counter() - t0
+        out = {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
+               "entropy": float(sums[0]) / ub.global_tokens,
+               "tokens": float(sums[1]), "tokens_per_s": float(sums[1]) / wall, "time/step": wall,
+               "brpo/skew_drop_rate": float(sums[3]) / max(float(sums[2]), 1.0), "sampling_rounds": rounds,
+               "data/filtered_prompts": self.filtered, "data/epoch": self.stream.epoch}
+        if len(all_rewards):
+            out.update(reward_monitors(all_rewards, all_lengths))
+        out["response/length_max"] = max_len
+        # Judge monitors: averaged across ranks (each rank judged its own groups).
+        for k, v in judge_stats.items():
+            vals = [x for x in wzdist.all_gather_object(v) if x is not None and not math.isnan(x)]
+            out[k] = sum(vals) / len(vals) if vals else float("nan")
+        out.update(timer.pop())
+        out["time/step"] = wall
+        return out
+
+    # -- loop -----------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step_idx, "data": self.stream.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        if hasattr(self.sampler, "state_dict"):
+            state["sampler"] = self.sampler.state_dict()
+        return ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
+                                    self.info.rank, keep=self.cfg.checkpoint.keep)
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self.stop_requested = True
+            log.warning("received signal %d: finishing this step, then checkpoint and exit", signum)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return previous
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        previous = self._install_signal_handlers()
+        bar = None
+        if cfg.logging.progress_bar and self.info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step_idx, desc="train", dynamic_ncols=True)
+        last: dict = {}
+        saved_at = -1
+        try:
+            while self.step_idx < cfg.train.steps:
+                last = self.step()
+                self.logger.log(self.step_idx, last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{last.get('reward/mean', float('nan')):.3f}",
+                                    len=f"{last.get('response/length_mean', 0):.1f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")
+                stop = bool(wzdist.all_reduce(float(self.stop_requested), op="max") > 0)
+                if (cfg.checkpoint.every and self.step_idx % cfg.checkpoint.every == 0) or stop:
+                    self.save()
+                    saved_at = self.step_idx
+                if stop:
+                    log.warning("stopped by signal after step %d (checkpoint written)", self.step_idx)
+                    break
+            if saved_at != self.step_idx:
+                self.save()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        if self.cfg.checkpoint.export_at_end and self.info.is_main:
+            export_model(self.policy.lm, self.tokenizer, self.out / "export")
+        return last
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_model(lm, tokenizer, out_dir: str | Path) -> Path:
+    """HF format: safetensors + config + tokenizer, loadable by transformers and vLLM."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Load a run's latest (or given) checkpoint into an unsharded model and export it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise ValueError(f"run_dir: no checkpoint under {run_dir / 'checkpoints'}")
+    config = AutoConfig.from_pretrained(str(run_dir / HF_CONFIG_DIR))
+    lm = AutoModelForCausalLM.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / TOKENIZER_DIR))
+    policy = PackedPolicy(lm)
+    ckpt.load_checkpoint(path, policy, None, rank=0)
+    return export_model(lm, tokenizer, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "wz train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a policy with BRPO (or GRPO-family estimators).")
+    p.add_argument("config", help="run file (TOML or YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-6 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        last = trainer.fit()
+        if trainer.info.is_main and last:
+            keys = ("reward/mean", "loss", "response/length_mean", "tokens_per_s")
+            log.info("done: step %d %s", trainer.step_idx, {k: last.get(k) for k in keys})
+    finally:
+        wzdist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The training side of a step: packed log-probabilities and the policy-gradient update.
+
+Rollouts are packed into micro-batches of at most `train.micro_batch_tokens` tokens
+(`wz_engine.packing.pack_rl_batch`). Each micro-batch runs the backbone on one packed row and the
+fused linear log-prob op on the lm_head weight, so the [N, V] logits never exist. The loss is
+normalised by the global (all micro-batches, all ranks) token / sequence counts, so gradient
+accumulation over micro-batches and FSDP2's summed gradients equal one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from wz_engine import distributed as wzdist
+from wz_engine.packing import PackedRLBatch, pack_rl_batch
+
+
+class PackedPolicy(torch.nn.Module):
+    """Root module the trainer calls: backbone on a packed row + fused log-probs on lm_head.
+
+    FSDP2 wraps each decoder layer and then this module, so every parameter the forward touches is
+    gathered by this module's own hooks (calling `lm.model` directly would bypass them).
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: PackedRLBatch, temperature: float = 1.0, return_entropy: bool = False):
+        """-> logprobs [N] f32 of each token's target (and entropy [N] f32). Masked positions are 0."""
+        from wz_kernels.logprob import fused_linear_logprobs
+
+        out = self.lm.model(**_model_inputs(batch, self.lm))
+        hidden = out.last_hidden_state[0]  # [N, H]
+        head = self.lm.get_output_embeddings()
+        targets = torch.where(batch.loss_mask, batch.targets, torch.full_like(batch.targets, -100))
+        return fused_linear_logprobs(
+            hidden, head.weight.to(hidden.dtype), targets, bias=head.bias, temperature=temperature,
+            return_entropy=return_entropy,
+        )
+
+
+def _model_inputs(batch: PackedRLBatch, lm) -> dict:
+    if getattr(lm.config, "_attn_implementation", None) in ("wz_varlen", "flash_attention_2"):
+        return batch.model_inputs()
+    # sdpa / eager: one packed row; transformers isolates the sequences from the position ids when
+    # there is no attention mask and no cache (MACHINE_NOTES.md).
+    return dict(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)
+
+
+@dataclass
+class UpdateBatch:
+    """One rank's share of the step, packed."""
+
+    batches: list[PackedRLBatch]
+    """Micro-batches; padded with empty ones so every rank runs the same number (FSDP collectives)."""
+    advantages: list[torch.Tensor]
+    """[N] per micro-batch: the sequence's advantage on its scored tokens."""
+    masks: list[torch.Tensor]
+    """[N] bool per micro-batch: tokens in the loss (response tokens of rows kept in the loss)."""
+    global_tokens: float
+    global_seqs: float
+
+
+def pack_for_update(prompt_ids: list[list[int]], response_ids: list[list[int]], advantages: torch.Tensor,
+                    in_loss: torch.Tensor, micro_batch_tokens: int, pad_id: int) -> UpdateBatch:
+    """Rollouts (B) -> packed micro-batches with per-token advantages and loss masks."""
+    batches = pack_rl_batch(prompt_ids, response_ids, micro_batch_tokens) if prompt_ids else []
+    adv_tok = [advantages[b.token_sequence_index] for b in batches]
+    masks = [b.loss_mask & in_loss[b.token_sequence_index] for b in batches]
+    n_max = int(wzdist.all_reduce(float(len(batches)), op="max").item())
+    while len(batches) < n_max:  # empty micro-batch: forward/backward for the collectives, zero loss
+        batches.append(pack_rl_batch([[pad_id]], [[]], micro_batch_tokens)[0])
+        adv_tok.append(torch.zeros(1))
+        masks.append(torch.zeros(1, dtype=torch.bool))
+    local_tokens = float(sum(int(m.sum()) for m in masks))
+    local_seqs = float(sum(int(torch.unique(b.token_sequence_index[m]).numel()) for b, m in zip(batches, masks)))
+    totals = wzdist.all_reduce(torch.tensor([local_tokens, local_seqs], dtype=torch.float64))
+    return UpdateBatch(batches, adv_tok, masks, max(float(totals[0]), 1.0), max(float(totals[1]), 1.0))
+
+
+@torch.no_grad()
+def packed_logprobs(model: torch.nn.Module, ub: UpdateBatch, device, temperature: float,
+                    return_entropy: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Log-probs [N] (and entropies) of every micro-batch, no grad (old / reference policy)."""
+    lps, ents = [], []
+    for b in ub.batches:
+        out = model(b.to(device), temperature=temperature, return_entropy=return_entropy)
+        if return_entropy:
+            lps.append(out[0].float())
+            ents.append(out[1].float())
+        else:
+            lps.append(out.float())
+    return lps, (ents if return_entropy else None)
+
+
+@dataclass
+class LossOptions:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    agg: str = "token-mean"
+    loss_scale: float | None = None
+
+
+def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[torch.Tensor],
+                         ref_lps: list[torch.Tensor] | None, device, temperature: float,
+                         opts: LossOptions) -> dict[str, float]:
+    """Forward + backward over every micro-batch; gradients accumulate in `.grad`.
+
+    Returns this step's global metrics (loss summed over micro-batches and ranks; the clip fractions,
+    ratio and KL as token-weighted means)."""
+    # Imported from the module: `wz_kernels.policy_loss` names the submodule once it is imported.
+    from wz_kernels.policy_loss import policy_loss
+
+    sums = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac_dual": 0.0,
+            "ratio_mean": 0.0, "kl_mean": 0.0}
+    tokens = 0.0
+    for i, b in enumerate(ub.batches):
+        b = b.to(device)
+        mask = ub.masks[i].to(device)
+        logprobs = model(b, temperature=temperature)
+        loss, metrics = policy_loss(
+            logprobs, old_lps[i].to(device), ub.advantages[i].to(device), mask,
+            ref_logprobs=ref_lps[i].to(device) if ref_lps is not None else None,
+            seq_ids=b.token_sequence_index, clip_low=opts.clip_low, clip_high=opts.clip_high,
+            dual_clip=opts.dual_clip, kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg,
+            loss_scale=opts.loss_scale, global_tokens=ub.global_tokens, global_seqs=ub.global_seqs,
+        )
+        loss.backward()
+        n = float(mask.sum())
+        sums["loss"] += float(loss.detach())
+        for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean"):
+            sums[k] += float(metrics[k]) * n
+        tokens += n
+    keys = list(sums)
+    reduced = wzdist.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64))
+    total_tokens = max(float(reduced[-1]), 1.0)
+    out = {"loss": float(reduced[0])}
+    for j, k in enumerate(keys[1:], start=1):
+        out[k] = float(reduced[j]) / total_tokens
+    return out
+
+
+def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global gradient norm (all ranks), clipping to `max_norm` when > 0. Non-finite norms come back
+    as they are (the caller skips the step)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
+                                          error_if_nonfinite=False)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    """Multiplier of the base learning rate at optimizer step `s` (0-based)."""
+
+    def f(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(total_steps - warmup_steps, 1)
+        progress = min(max(s - warmup_steps, 0) / span, 1.0)
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
