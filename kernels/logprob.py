@@ -1,0 +1,660 @@
+"""Fused linear log-probabilities (+ entropy) and the fused linear policy loss.
+
+    fused_linear_logprobs(hidden [N,H], weight [V,H], targets [N]) -> logprobs [N] f32 (, entropy [N] f32)
+    fused_linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, ...) -> (loss, metrics)
+
+The [N, V] logits never exist, forward or backward. Both ops walk the tokens in chunks of C rows:
+
+    logits tile [C, V] = hidden[c] @ weight^T (+ bias)          one library GEMM (cuBLAS / MKL)
+    epilogue: z = logits / T, online log-sum-exp over V,         Triton kernel (or torch on CPU)
+              logp = z[target] - lse, entropy = lse - E_p[z]
+    backward epilogue: d logits = dz / T, written over the tile   Triton kernel (or torch on CPU)
+    d hidden[c] = d logits @ weight;  d weight += d logits^T @ hidden[c];  d bias += sum_rows d logits
+
+Gradient of the two outputs with respect to z = logits / T (p = softmax(z)):
+    d logp_i / d z_j    = [j == target] - p_j
+    d entropy / d z_j   = -p_j (z_j - E_p[z]) = -p_j (logp_j + entropy)      (logp_j = z_j - lse)
+
+Why library GEMMs per chunk + Triton epilogues rather than one GEMM-fused Triton kernel: the three
+GEMMs are 6NHV of the 6-8NHV flops and cuBLAS runs them near peak on every GPU and dtype without
+tuning, while a hand GEMM-fused kernel (Cut Cross Entropy's design) needs per-architecture tuning to
+match it. The epilogues are memory-bound passes over a tile that stays small (C x V), so the only
+cost of not fusing is one write + two reads of each tile, and the memory bound is set by the chunk
+size instead of being zero. Liger's FLCE takes the same route. GPU timings are still to be taken
+(bench/RESULTS.md); the choice should be revisited with them.
+
+Recompute vs. grads-in-forward:
+  * fused_linear_logprobs recomputes each tile in backward (8NHV flops in all): its backward gets
+    per-token upstream gradients for logp and entropy, and d weight = sum_i g_i dz_i h_i^T cannot be
+    formed before g is known without storing the [N, V] dz.
+  * fused_linear_policy_loss returns a scalar, so the whole gradient is known in the forward pass:
+    it computes d hidden / d weight / d bias there (6NHV flops, one pass over the tiles) and the
+    backward only scales them by the upstream scalar.
+
+d weight accumulation precision (`grad_accum_dtype`): by default d weight and d bias are accumulated
+across chunks in float32 and cast to the weight's dtype once at the end (exact to one rounding, costs
+a V x H float32 buffer). `grad_accum_dtype=None` accumulates in the weight's own dtype (bf16 on GPU:
+saves V x H x 2 bytes, adds one rounding per chunk - what Liger does).
+
+Ignored positions (targets == ignore_index) give logprob 0, entropy 0 and no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import check_tensor, interpreting, next_power_of_2, resolve_impl, triton_available
+
+OP = "fused_linear_logprobs"
+OP_LOSS = "fused_linear_policy_loss"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the token dimension is cut into tiles."""
+
+    chunk_size: int
+    """Tokens per tile (rows C of the [C, V] logits tile)."""
+    compute_dtype: torch.dtype
+    """Dtype of the GEMM operands and the logits tile (the epilogue math is always >= float32)."""
+    grad_accum_dtype: torch.dtype
+    """Dtype d weight / d bias are accumulated in across chunks."""
+
+
+# Logits-tile budget in elements. CPU: 2^22 fp32 = 16 MB keeps the tile in the last-level cache
+# neighbourhood and the whole forward+backward far below N x V (the memory-ceiling test). GPU: 2^27
+# elements (256 MB in bf16) keeps M = C large enough for full-rate GEMMs at a 152k vocabulary.
+_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+
+
+def _plan(hidden, weight, chunk_size, grad_accum_dtype, *, upcast: bool, reference: bool) -> ChunkPlan:
+    N, V = hidden.shape[0], weight.shape[0]
+    if chunk_size is None:
+        budget = _TILE_ELEMENTS["cuda" if hidden.device.type == "cuda" else "cpu"]
+        chunk_size = max(1, budget // max(V, 1))
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = max(1, min(chunk_size, N))
+    if upcast:
+        compute = torch.float64
+    elif reference and hidden.dtype in (torch.float16, torch.bfloat16):
+        compute = torch.float32  # the CPU specification: low precision inputs, float32 math
+    else:
+        compute = hidden.dtype
+    accum = compute if (upcast or grad_accum_dtype is None) else torch.promote_types(grad_accum_dtype, compute)
+    return ChunkPlan(chunk_size, compute, accum)
+
+
+def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
+    check_tensor(op, "hidden", hidden, ndim=2, floating=True)
+    device = hidden.device
+    N, H = hidden.shape
+    check_tensor(op, "weight", weight, ndim=2, floating=True, device=device)
+    if weight.shape[1] != H:
+        raise ValueError(f"{op}: weight must be [V, H={H}], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight has an empty vocabulary")
+    check_tensor(op, "targets", targets, shape=(N,), integer=True, device=device)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), floating=True, device=device)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    V = weight.shape[0]
+    if N:
+        bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{op}: targets[{i}]={int(targets[i])} is outside [0, V={V}) and is not ignore_index={ignore_index}"
+            )
+
+
+# ============================================================================ torch tile epilogues
+# The readable specification of one tile. `logits` [C, V] in the compute dtype; math in >= float32.
+
+
+def _tile_fwd_reference(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool,
+                        scratch: bool = True):
+    """logits [C,V] -> logp [C] f32, entropy [C] f32, lse [C] f32 of z = logits / T.
+
+    With `scratch` the tile is overwritten (saves a [C, V] temporary); otherwise it is left intact.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = logits if (scratch and logits.dtype == acc) else logits.to(acc, copy=True)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    m = z.amax(dim=1, keepdim=True)  # [C,1]
+    z.sub_(m)  # shifted logits: the largest is 0, so exp never overflows (extreme logits)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)
+    z_t = z.gather(1, safe_t[:, None])[:, 0]
+    if with_entropy:
+        e = z.exp()
+        s0 = e.sum(dim=1)  # [C]
+        # sum_j e_j z_j as a batched dot product (no second [C,V] temporary)
+        ez = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]
+        del e
+        log_s0 = s0.log()
+        entropy = log_s0 - ez / s0  # = lse - E_p[z], both shifted by m
+    else:
+        log_s0 = z.exp_().sum(dim=1).log()
+        entropy = torch.zeros_like(log_s0)
+    logp = z_t - log_s0
+    lse = log_s0 + m[:, 0]
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    return (
+        torch.where(valid, logp, zero).float(),
+        torch.where(valid, entropy, zero).float(),
+        lse.float(),
+    )
+
+
+def _tile_bwd_reference(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp: float, ignore_index: int):
+    """Overwrite logits [C,V] with d loss / d logits given upstream grads g_logp [C], g_entropy [C] | None.
+
+    dz_j = [j == t] g_lp - p_j (g_lp + g_en (logp_j + entropy)),  d logits = dz / T.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    valid = targets != ignore_index
+    # upstream grads pre-scaled by 1/T (d logits = dz / T); ignored rows get no gradient
+    g_lp = torch.where(valid, g_logp.to(acc) * inv_temp, 0.0)[:, None]  # [C,1]
+    z = logits if logits.dtype == acc else logits.to(acc)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    z.sub_(lse.to(acc)[:, None])  # z now holds logp_j
+    if g_entropy is not None:
+        g_en = torch.where(valid, g_entropy.to(acc) * inv_temp, 0.0)[:, None]
+        p = z.exp()
+        z.add_(entropy.to(acc)[:, None]).mul_(g_en).add_(g_lp).mul_(p).neg_()
+        del p
+    else:
+        z.exp_().mul_(-g_lp)
+    safe_t = torch.where(valid, targets, 0)
+    z.scatter_add_(1, safe_t[:, None], g_lp)
+    if z is not logits:
+        logits.copy_(z)
+    return logits
+
+
+# ============================================================================ Triton tile epilogues
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        logits_ptr, stride_row, targets_ptr, logp_ptr, entropy_ptr, lse_ptr,
+        V, inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    ):
+        # One program per token row: online log-sum-exp over V in BLOCK_V slices.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        target = tl.load(targets_ptr + row)
+        valid = target != ignore_index
+        m = float("-inf")  # running max of z
+        s0 = 0.0  # sum exp(z - m)
+        s1 = 0.0  # sum exp(z - m) * (z - m)   (entropy numerator, kept shifted for extreme logits)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inb = cols < V
+            z = tl.load(base + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            scale = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            if WITH_ENTROPY:
+                # re-centre the old sum: sum e_old (z - m_new) = scale * (s1 + (m - m_new) * s0)
+                # (s0 == 0 only before the first slice, where m = -inf: keep -inf * 0 out of it)
+                shift = tl.where(s0 > 0, m - m_new, 0.0)
+                z_c = tl.where(inb, z - m_new, 0.0)
+                s1 = scale * (s1 + shift * s0) + tl.sum(e * z_c, axis=0)
+            s0 = s0 * scale + tl.sum(e, axis=0)
+            m = m_new
+        log_s0 = tl.log(s0)
+        lse = m + log_s0
+        safe_t = tl.where(valid, target, 0)
+        z_t = tl.load(base + safe_t).to(tl.float32) * inv_temp
+        logp = tl.where(valid, z_t - lse, 0.0)
+        tl.store(logp_ptr + row, logp)
+        tl.store(lse_ptr + row, lse)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(valid, log_s0 - s1 / s0, 0.0))
+
+    @triton.jit
+    def _logprob_bwd_kernel(
+        logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+        V, inv_temp, ignore_index,
+        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    ):
+        # One program per token row: d logits = (g_lp (onehot - p) - g_en p (logp + H)) / T, in place.
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        target = tl.load(targets_ptr + row)
+        valid = target != ignore_index
+        lse = tl.load(lse_ptr + row)
+        g_lp = tl.where(valid, tl.load(g_logp_ptr + row), 0.0)
+        if WITH_ENTROPY:
+            ent = tl.load(entropy_ptr + row)
+            g_en = tl.where(valid, tl.load(g_entropy_ptr + row), 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inb = cols < V
+            z = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32) * inv_temp
+            logp_j = z - lse
+            p = tl.exp(logp_j)
+            dz = tl.where(cols == target, g_lp, 0.0) - g_lp * p
+            if WITH_ENTROPY:
+                dz -= g_en * p * (logp_j + ent)
+            dz = dz * inv_temp
+            tl.store(base + cols, dz.to(logits_ptr.dtype.element_ty), mask=inb)
+
+    def _block_v(V: int) -> int:
+        cap = 1024 if interpreting() else 4096
+        return max(16, min(next_power_of_2(V), cap))
+
+    def _tile_fwd_triton(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool,
+                         scratch: bool = True):  # never writes the tile
+        C, V = logits.shape
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
+        logp = torch.empty(C, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
+        if C:
+            _logprob_fwd_kernel[(C,)](
+                logits, logits.stride(0), targets, logp, entropy, lse,
+                V, float(inv_temp), int(ignore_index),
+                BLOCK_V=_block_v(V), WITH_ENTROPY=with_entropy,
+            )
+        return logp, entropy, lse
+
+    def _tile_bwd_triton(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp: float, ignore_index: int):
+        C, V = logits.shape
+        assert logits.stride(1) == 1
+        g_logp = g_logp.float().contiguous()
+        with_entropy = g_entropy is not None
+        g_en = g_entropy.float().contiguous() if with_entropy else g_logp
+        ent = entropy if with_entropy else lse
+        if C:
+            _logprob_bwd_kernel[(C,)](
+                logits, logits.stride(0), targets, lse, ent, g_logp, g_en,
+                V, float(inv_temp), int(ignore_index),
+                BLOCK_V=_block_v(V), WITH_ENTROPY=with_entropy,
+            )
+        return logits
+
+
+# ============================================================================ torch.library registration
+# The tile epilogues are registered ops so torch.compile can trace the chunk loop around them. Both
+# take the logits tile as scratch (the torch epilogue works in place to keep one [C, V] buffer alive).
+
+
+@torch.library.custom_op("wz_kernels::logprob_tile_fwd", mutates_args=("logits",))
+def _logprob_tile_fwd_op(
+    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float, ignore_index: int, with_entropy: bool,
+    triton: bool, scratch: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = _tile_fwd_triton if triton else _tile_fwd_reference
+    logp, ent, lse = fn(logits, targets, inv_temp, ignore_index, with_entropy, scratch)
+    return logp, ent, lse
+
+
+@_logprob_tile_fwd_op.register_fake
+def _(logits, targets, inv_temp, ignore_index, with_entropy, triton, scratch):
+    C = logits.shape[0]
+    out = logits.new_empty(C, dtype=torch.float32)
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("wz_kernels::logprob_tile_bwd", mutates_args=("logits",))
+def _logprob_tile_bwd_op(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
+    g_logp: torch.Tensor, g_entropy: torch.Tensor | None, inv_temp: float, ignore_index: int, triton: bool,
+) -> None:
+    fn = _tile_bwd_triton if triton else _tile_bwd_reference
+    fn(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index)
+
+
+@_logprob_tile_bwd_op.register_fake
+def _(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, triton):
+    return None
+
+
+# ============================================================================ the chunk loop
+
+
+def _tile_logits(h_c, weight_c, bias_c, out):
+    """h_c [C,H] @ weight_c^T [H,V] (+ bias) -> logits [C,V], written into the workspace `out`."""
+    if bias_c is None:
+        return torch.mm(h_c, weight_c.T, out=out)
+    return torch.addmm(bias_c, h_c, weight_c.T, out=out)
+
+
+def _accumulate_weight_grad(acc, dlogits, h_c):
+    """acc [V,H] += dlogits^T [V,C] @ h_c [C,H], accumulating in acc's dtype."""
+    if acc.dtype == dlogits.dtype:
+        acc.addmm_(dlogits.T, h_c)
+        return
+    if acc.is_cuda:
+        try:  # cuBLASLt writes a bf16 x bf16 product straight into a float32 accumulator
+            torch.addmm(acc, dlogits.T, h_c, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.addmm_(dlogits.T.to(acc.dtype), h_c.to(acc.dtype))
+
+
+class _Chunks:
+    """Shared state of one forward or backward sweep over the token chunks."""
+
+    def __init__(self, hidden, weight, bias, plan: ChunkPlan):
+        self.plan = plan
+        cd = plan.compute_dtype
+        self.hidden = hidden
+        # one cast for the whole sweep (a no-op when the dtype already matches)
+        self.weight = weight.to(cd)
+        self.bias = None if bias is None else bias.to(cd)
+        self.workspace = None
+
+    def ranges(self):
+        N, C = self.hidden.shape[0], self.plan.chunk_size
+        for s in range(0, N, C):
+            yield s, min(s + C, N)
+
+    def logits(self, s, e):
+        # One [C, V] workspace reused by every chunk: a fresh tile per chunk would churn the
+        # allocator (on CPU, glibc keeps freed 10+ MB blocks resident and RSS creeps up).
+        if self.workspace is None:
+            C, V = min(self.plan.chunk_size, self.hidden.shape[0]), self.weight.shape[0]
+            self.workspace = torch.empty(C, V, dtype=self.plan.compute_dtype, device=self.hidden.device)
+        h_c = self.hidden[s:e].to(self.plan.compute_dtype)
+        return h_c, _tile_logits(h_c, self.weight, self.bias, self.workspace[: e - s])
+
+
+def _backward_sweep(chunks: _Chunks, dlogits_of, need_h, need_w, need_b, hidden_dtype, weight_dtype, bias_dtype):
+    """Run dlogits_of(s, e) -> (h_c [C,H], dlogits [C,V]) per chunk and form d hidden, d weight, d bias."""
+    plan = chunks.plan
+    N, H = chunks.hidden.shape
+    V = chunks.weight.shape[0]
+    dev = chunks.hidden.device
+    d_hidden = torch.empty(N, H, dtype=hidden_dtype, device=dev) if need_h else None
+    d_weight = torch.zeros(V, H, dtype=plan.grad_accum_dtype, device=dev) if need_w else None
+    d_bias = torch.zeros(V, dtype=plan.grad_accum_dtype, device=dev) if need_b else None
+    for s, e in chunks.ranges():
+        h_c, dlogits = dlogits_of(s, e)
+        if need_h:
+            d_hidden[s:e] = dlogits @ chunks.weight
+        if need_w:
+            _accumulate_weight_grad(d_weight, dlogits, h_c)
+        if need_b:
+            d_bias += dlogits.sum(dim=0, dtype=plan.grad_accum_dtype)
+    if need_w:
+        d_weight = d_weight.to(weight_dtype)
+    if need_b:
+        d_bias = d_bias.to(bias_dtype)
+    return d_hidden, d_weight, d_bias
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, plan, use_triton):
+        chunks = _Chunks(hidden, weight, bias, plan)
+        N = hidden.shape[0]
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logp)
+        lse = torch.empty_like(logp)
+        inv_t = 1.0 / temperature
+        for s, e in chunks.ranges():
+            _, logits = chunks.logits(s, e)
+            lp, en, ls = _logprob_tile_fwd_op(
+                logits, targets[s:e], inv_t, ignore_index, with_entropy, use_triton, True
+            )
+            logp[s:e], entropy[s:e], lse[s:e] = lp, en, ls
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.cfg = (inv_t, ignore_index, with_entropy, plan, use_triton)
+        if with_entropy:
+            return logp, entropy
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        inv_t, ignore_index, with_entropy, plan, use_triton = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not (need_h or need_w or need_b):
+            return (None,) * 9
+        chunks = _Chunks(hidden, weight, bias, plan)
+        N = hidden.shape[0]
+        g_logp = torch.zeros(N, device=hidden.device) if g_logp is None else g_logp
+        g_entropy = g_entropy if with_entropy else None
+        if with_entropy and g_entropy is None:
+            g_entropy = None  # entropy was returned but not used: its gradient term vanishes
+
+        def dlogits_of(s, e):
+            h_c, logits = chunks.logits(s, e)  # recompute the tile
+            g_en = None if g_entropy is None else g_entropy[s:e]
+            _logprob_tile_bwd_op(
+                logits, targets[s:e], lse[s:e], entropy[s:e], g_logp[s:e], g_en, inv_t, ignore_index, use_triton
+            )
+            return h_c, logits
+
+        dh, dw, db = _backward_sweep(
+            chunks, dlogits_of, need_h, need_w, need_b, hidden.dtype, weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def _use_triton(impl: str, device, op: str) -> bool:
+    backend = resolve_impl(impl, device, op=op)
+    if backend == "cuda":
+        raise RuntimeError(f"{op}: has no CUDA-extension implementation")
+    return backend == "triton"
+
+
+def fused_linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    upcast: bool = False,
+    chunk_size: int | None = None,
+    grad_accum_dtype: torch.dtype | None = torch.float32,
+):
+    """The plain-torch specification (and the CPU path): same contract as `fused_linear_logprobs`.
+
+    Chunked over tokens with a custom autograd that recomputes each [C, V] tile in backward, so its
+    peak memory is O(C x V + V x H) instead of O(N x V). Low-precision inputs are computed in float32;
+    `upcast=True` computes everything in float64 (outputs stay float32 unless upcast: then float64).
+    """
+    _check_inputs(OP, hidden, weight, targets, bias, temperature, ignore_index)
+    plan = _plan(hidden, weight, chunk_size, grad_accum_dtype, upcast=upcast, reference=True)
+    logp, ent = _FusedLinearLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), ignore_index, bool(return_entropy), plan, False
+    )
+    return (logp, ent) if return_entropy else logp
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    grad_accum_dtype: torch.dtype | None = torch.float32,
+):
+    """Log-probability (and entropy) of `targets` under softmax((hidden @ weight^T + bias) / temperature).
+
+    Args:
+        hidden: [N, H] float32 / float16 / bfloat16 final hidden states (packed tokens).
+        weight: [V, H] the lm_head weight, same dtype as hidden.
+        targets: [N] int64 token ids in [0, V), or `ignore_index`.
+        bias: optional [V] lm_head bias.
+        temperature: sampling temperature (> 0): logits are divided by it.
+        return_entropy: also return the entropy of each token's distribution.
+        ignore_index: target value whose position gets logprob 0, entropy 0 and no gradient.
+        impl: "auto" | "reference" | "triton" (see wz_kernels._backend).
+        chunk_size: tokens per [C, V] tile (default: from a per-device tile budget).
+        grad_accum_dtype: dtype d weight / d bias are accumulated in across chunks (None: weight dtype).
+
+    Returns:
+        logprobs [N] float32 (and entropy [N] float32 when `return_entropy`). Differentiable with
+        respect to hidden, weight and bias through both outputs. The [N, V] logits are never formed.
+    """
+    _check_inputs(OP, hidden, weight, targets, bias, temperature, ignore_index)
+    use_triton = _use_triton(impl, hidden.device, OP)
+    plan = _plan(hidden, weight, chunk_size, grad_accum_dtype, upcast=False, reference=not use_triton)
+    logp, ent = _FusedLinearLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), ignore_index, bool(return_entropy), plan, use_triton
+    )
+    return (logp, ent) if return_entropy else logp
+
+
+# ============================================================================ fused policy loss
+
+
+class _FusedLinearPolicyLoss(torch.autograd.Function):
+    """One sweep: per chunk logits -> logp -> token_loss_terms -> d logits -> d hidden, d weight.
+
+    The loss is a scalar, so its whole gradient is known in the forward pass: it is computed there
+    (no recompute) and the backward only multiplies by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
+                temperature, ignore_index, plan, use_triton, loss_cfg):
+        from .policy_loss import STAT_NAMES, token_loss_terms
+
+        chunks = _Chunks(hidden, weight, bias, plan)
+        inv_t = 1.0 / temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        terms_impl = "triton" if use_triton else "reference"
+        totals = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=hidden.device)
+
+        def chunk_terms(s, e, *, keep_tile):
+            h_c, logits = chunks.logits(s, e)
+            t_c = targets[s:e]
+            lp, _, lse = _logprob_tile_fwd_op(logits, t_c, inv_t, ignore_index, False, use_triton, not keep_tile)
+            ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
+            _, g_c, stats = token_loss_terms(
+                lp, old_logprobs[s:e], advantages[s:e], mask[s:e], weights[s:e], ref_logprobs=ref_c,
+                impl=terms_impl, **loss_cfg,
+            )
+            totals.add_(torch.stack([stats[k].float() for k in STAT_NAMES]))
+            return h_c, logits, t_c, lse, g_c
+
+        if need_h or need_w or need_b:
+            def dlogits_of(s, e):
+                h_c, logits, t_c, lse, g_c = chunk_terms(s, e, keep_tile=True)
+                _logprob_tile_bwd_op(logits, t_c, lse, None, g_c, None, inv_t, ignore_index, use_triton)
+                return h_c, logits
+
+            grads = _backward_sweep(
+                chunks, dlogits_of, need_h, need_w, need_b, hidden.dtype, weight.dtype,
+                None if bias is None else bias.dtype,
+            )
+        else:
+            for s, e in chunks.ranges():
+                chunk_terms(s, e, keep_tile=False)
+            grads = (None, None, None)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(totals)
+        loss = totals[STAT_NAMES.index("loss")].clone()
+        return loss, totals
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_totals):
+        d_hidden, d_weight, d_bias = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (d_hidden, d_weight, d_bias) + (None,) * 11
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token-mean",
+    loss_scale: float | None = None,
+    global_tokens: float | torch.Tensor | None = None,
+    global_seqs: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    grad_accum_dtype: torch.dtype | None = torch.float32,
+):
+    """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
+
+    Equal (loss, metrics and gradients) to
+        policy_loss(fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                    ignore_index=ignore_index), old_logprobs, advantages, mask, ...)
+    but in one pass over the token chunks: the loss maths is `wz_kernels.policy_loss.token_loss_terms`
+    applied per chunk with weights from `aggregation_weights` over all N tokens, and d hidden / d weight /
+    d bias are formed in the forward pass (6NHV flops, no recompute) and scaled by the upstream scalar
+    in backward. Per-token memory is O(N) (weights, logp, d logp of a chunk).
+
+    Args:
+        hidden [N, H], weight [V, H], targets [N], bias [V] | None, temperature, ignore_index: as in
+            `fused_linear_logprobs`.
+        old_logprobs, advantages [N] float; mask [N] bool/int/float; ref_logprobs [N] | None;
+        seq_ids [N] int | None; clip_low, clip_high, dual_clip, kl_coef, kl_estimator, agg,
+        loss_scale, global_tokens, global_seqs: as in `wz_kernels.policy_loss`.
+        impl, chunk_size, grad_accum_dtype: as in `fused_linear_logprobs`.
+
+    Returns:
+        (loss 0-d float32, metrics dict of 0-d float32 tensors: see `policy_loss`).
+    """
+    from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
+
+    _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index)
+    N = hidden.shape[0]
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            check_tensor(OP_LOSS, name, t, shape=(N,), floating=True, device=hidden.device)
+    check_tensor(OP_LOSS, "mask", mask, shape=(N,), device=hidden.device)
+    use_triton = _use_triton(impl, hidden.device, OP_LOSS)
+    plan = _plan(hidden, weight, chunk_size, grad_accum_dtype, upcast=False, reference=not use_triton)
+    weights = aggregation_weights(  # [N] f32, O(N), computed once for all chunks
+        mask, seq_ids, agg, loss_scale=loss_scale, global_tokens=global_tokens, global_seqs=global_seqs
+    )
+    loss_cfg = dict(
+        clip_low=float(clip_low), clip_high=float(clip_high),
+        dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef), kl_estimator=kl_estimator,
+    )
+    loss, totals = _FusedLinearPolicyLoss.apply(
+        hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
+        float(temperature), ignore_index, plan, use_triton, loss_cfg,
+    )
+    metrics = metrics_from_stats(dict(zip(STAT_NAMES, totals.unbind(0))))
+    return loss, metrics
