@@ -1,0 +1,152 @@
+"""Which weights the GenRM judges with on the `hf` backend, and what each option costs in memory.
+
+- "self": the judge samples from the live policy module through the policy's own HFSampler path:
+  zero extra parameters.
+- "lora": a peft LoRA adapter (a local adapter directory) is injected into the policy module itself
+  (transformers' peft integration, `model.load_adapter`) over the same base weights. The adapter is
+  DISABLED by default, so the policy's training forward and its rollouts see the plain base weights;
+  `AdapterScopedSampler` enables it only for the duration of a judge `generate` call. The adapter is
+  frozen, the base weights keep their `requires_grad`. Extra memory: the adapter's parameters.
+  Note: injection wraps the targeted linears, so their parameters are renamed in `state_dict`
+  (`q_proj.weight` -> `q_proj.base_layer.weight`, plus `lora_A/B` entries); an HF export of the
+  policy has to map the names back and leave the adapter out.
+- "checkpoint": a separate model loaded from a local HF directory with `from_pretrained`: its full
+  parameter bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from wz_engine.judge.config import GenRMConfig
+from wz_engine.rollout.base import Completion, SamplingParams
+
+JUDGE_ADAPTER = "wz_judge"
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by the module's parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+@dataclass
+class JudgeEngine:
+    sampler: object
+    """The Sampler the GenRM generates with."""
+    model: torch.nn.Module
+    """The module the judge runs on (the policy itself for "self" and "lora")."""
+    tokenizer: object
+    extra_bytes: int
+    """Parameter bytes this judge adds on top of the policy."""
+
+
+class AdapterScopedSampler:
+    """Wraps a sampler so that a named LoRA adapter is active only inside `generate`."""
+
+    def __init__(self, sampler, model: torch.nn.Module, adapter_name: str = JUDGE_ADAPTER):
+        self.inner = sampler
+        self.model = model
+        self.adapter_name = adapter_name
+
+    @property
+    def weight_version(self) -> int:
+        return self.inner.weight_version
+
+    @contextlib.contextmanager
+    def adapter_enabled(self):
+        self.model.enable_adapters()
+        self.model.set_adapter(self.adapter_name)
+        try:
+            yield
+        finally:
+            self.model.disable_adapters()
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        with self.adapter_enabled():
+            return self.inner.generate(prompt_ids, params)
+
+    def update_weights(self, model, version: int) -> None:
+        self.inner.update_weights(model, version)
+
+    def sleep(self) -> None:
+        self.inner.sleep()
+
+    def wake_up(self) -> None:
+        self.inner.wake_up()
+
+
+def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: str = JUDGE_ADAPTER) -> int:
+    """Inject a frozen LoRA adapter into `model`, disabled; return its parameter bytes.
+
+    The base weights' `requires_grad` flags are kept (load_adapter freezes them otherwise).
+    """
+    if not hasattr(model, "load_adapter"):
+        raise ValueError("model: LoRA judging needs a transformers PreTrainedModel (peft integration)")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    before = {id(p) for p in model.parameters()}
+    model.load_adapter(adapter_path, adapter_name=adapter_name)
+    model.disable_adapters()
+    added = [p for p in model.parameters() if id(p) not in before]
+    for name, p in model.named_parameters():
+        if id(p) in before:
+            # injection moved `x.weight` to `x.base_layer.weight`: match on the original name
+            p.requires_grad_(name.replace(".base_layer.", ".") in trainable or name in trainable)
+        else:
+            p.requires_grad_(False)
+    return sum(p.numel() * p.element_size() for p in added)
+
+
+def build_judge_engine(
+    config: GenRMConfig,
+    policy: torch.nn.Module,
+    tokenizer,
+    sampler_factory: Callable[[torch.nn.Module, object], object] | None = None,
+) -> JudgeEngine:
+    """The judge's sampler for `config.weight_sharing`; `sampler_factory(model, tokenizer)` defaults
+    to `HFSampler`."""
+    if sampler_factory is None:
+        from wz_engine.rollout.hf import HFSampler
+
+        sampler_factory = HFSampler
+    mode = config.weight_sharing
+    if mode == "self":
+        return JudgeEngine(sampler_factory(policy, tokenizer), policy, tokenizer, 0)
+    if mode == "lora":
+        extra = attach_lora_judge(policy, config.lora_path)
+        sampler = AdapterScopedSampler(sampler_factory(policy, tokenizer), policy)
+        return JudgeEngine(sampler, policy, tokenizer, extra)
+    if mode == "checkpoint":
+        model, judge_tokenizer = load_judge_checkpoint(config.checkpoint_path, tokenizer)
+        device = next(policy.parameters()).device
+        model.to(device)
+        return JudgeEngine(sampler_factory(model, judge_tokenizer), model, judge_tokenizer, param_bytes(model))
+    raise ValueError(f"config.weight_sharing: unknown {mode!r}")
+
+
+def load_judge_checkpoint(path: str, fallback_tokenizer=None):
+    """(model in eval mode, no grad; its tokenizer, or `fallback_tokenizer` if the dir has none)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ValueError(f"checkpoint_path: {path!r} is not a local directory")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    model.eval().requires_grad_(False)
+    tokenizer = fallback_tokenizer
+    if (Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer is None:
+        raise ValueError(f"checkpoint_path: {path!r} has no tokenizer and none was given")
+    return model, tokenizer
