@@ -102,7 +102,7 @@ CASES = [  # (loss_type, beta, extra config)
     ("dapo", 0.0, {}),
     ("grpo", 0.05, {"use_bias_correction_kl": True}),
     ("bnpo", 0.05, {"use_bias_correction_kl": False}),
-    ("dr_grpo", 0.05, {"use_bias_correction_kl": True}),
+    ("dr_grpo", 0.05, {"use_bias_correction_kl": True, "delta": 1.4}),
     ("dapo", 0.05, {"use_bias_correction_kl": False}),
 ]
 
