@@ -62,6 +62,8 @@ class ChunkPlan:
     """Dtype of the GEMM operands and the logits tile (the epilogue math is always >= float32)."""
     grad_accum_dtype: torch.dtype
     """Dtype d weight / d bias are accumulated in across chunks."""
+    out_dtype: torch.dtype = torch.float32
+    """Dtype of logprobs / entropy (float64 only for the upcast reference)."""
 
 
 # Logits-tile budget in elements. CPU: 2^22 fp32 = 16 MB keeps the tile in the last-level cache
@@ -85,7 +87,7 @@ def _plan(hidden, weight, chunk_size, grad_accum_dtype, *, upcast: bool, referen
     else:
         compute = hidden.dtype
     accum = compute if (upcast or grad_accum_dtype is None) else torch.promote_types(grad_accum_dtype, compute)
-    return ChunkPlan(chunk_size, compute, accum)
+    return ChunkPlan(chunk_size, compute, accum, torch.float64 if upcast else torch.float32)
 
 
 def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
@@ -124,7 +126,7 @@ def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
 
 def _tile_fwd_reference(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool,
                         scratch: bool = True):
-    """logits [C,V] -> logp [C] f32, entropy [C] f32, lse [C] f32 of z = logits / T.
+    """logits [C,V] -> logp [C], entropy [C], lse [C] of z = logits / T (float32, or float64 for float64).
 
     With `scratch` the tile is overwritten (saves a [C, V] temporary); otherwise it is left intact.
     """
@@ -151,11 +153,7 @@ def _tile_fwd_reference(logits, targets, inv_temp: float, ignore_index: int, wit
     logp = z_t - log_s0
     lse = log_s0 + m[:, 0]
     zero = torch.zeros((), dtype=acc, device=logits.device)
-    return (
-        torch.where(valid, logp, zero).float(),
-        torch.where(valid, entropy, zero).float(),
-        lse.float(),
-    )
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero), lse
 
 
 def _tile_bwd_reference(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp: float, ignore_index: int):
@@ -311,7 +309,7 @@ def _logprob_tile_fwd_op(
 @_logprob_tile_fwd_op.register_fake
 def _(logits, targets, inv_temp, ignore_index, with_entropy, triton, scratch):
     C = logits.shape[0]
-    out = logits.new_empty(C, dtype=torch.float32)
+    out = logits.new_empty(C, dtype=torch.promote_types(logits.dtype, torch.float32))
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
@@ -409,9 +407,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, plan, use_triton):
         chunks = _Chunks(hidden, weight, bias, plan)
         N = hidden.shape[0]
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(N, dtype=plan.out_dtype, device=hidden.device)
         entropy = torch.zeros_like(logp)
-        lse = torch.empty_like(logp)
+        lse = torch.empty(N, dtype=torch.promote_types(plan.compute_dtype, torch.float32), device=hidden.device)
         inv_t = 1.0 / temperature
         for s, e in chunks.ranges():
             _, logits = chunks.logits(s, e)
