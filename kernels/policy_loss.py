@@ -94,11 +94,15 @@ def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, 
 def _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, weights=None):
     check_tensor(op, "logprobs", logprobs, ndim=1, floating=True)
     shape, dev = tuple(logprobs.shape), logprobs.device
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs),
-                    ("weights", weights)):
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
         if t is not None or name in ("old_logprobs", "advantages"):
             check_tensor(op, name, t, shape=shape, floating=True, device=dev)
     _check_mask(op, mask, shape, dev)
+    if weights is not None:
+        check_tensor(op, "weights", weights, floating=True, device=dev)
+        if weights.dim() != 0 and tuple(weights.shape) != shape:
+            raise ValueError(f"{op}: weights must have shape {shape} or be 0-d (a scale of mask), "
+                             f"got {tuple(weights.shape)}")
 
 
 def _check_mask(op, mask, shape, dev):
@@ -132,10 +136,16 @@ def _dense_segment_ids(seq_ids: torch.Tensor) -> torch.Tensor:
     it stays static-shaped (torch.compile fullgraph) and never waits on the GPU for the output size.
     """
     n = seq_ids.numel()
-    sorted_ids, order = torch.sort(seq_ids)
+    # Packed batches usually come sorted; on CPU checking that is free (no device to wait for) and
+    # skips the sort. Not under torch.compile: the branch is data-dependent.
+    already_sorted = (seq_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                      and bool((seq_ids[1:] >= seq_ids[:-1]).all()))
+    sorted_ids, order = (seq_ids, None) if already_sorted else torch.sort(seq_ids)
     new_segment = torch.ones(n, dtype=torch.long, device=seq_ids.device)
     new_segment[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
     dense_sorted = torch.cumsum(new_segment, 0) - 1
+    if order is None:
+        return dense_sorted
     return torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
 
 
@@ -148,7 +158,8 @@ def aggregation_weights(
     global_tokens: float | torch.Tensor | None = None,
     global_seqs: float | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # [N] `dtype`
+    per_token: bool = True,
+) -> torch.Tensor:  # [N] `dtype` (or 0-d, see per_token)
     """Per-token weights w [N] such that `loss = sum(w * per_token_loss)` for aggregation mode `agg`.
 
     With m = mask as a float (a float mask acts as a per-token weight), n_s = sum of m over the
@@ -176,6 +187,9 @@ def aggregation_weights(
 
     `seq_ids` is required by the seq-* modes; ids may be any ints, unsorted and non-contiguous.
     Nothing here syncs with the device. An all-masked input gives all-zero weights (no NaN).
+
+    `per_token=False` returns, for every mode but seq-mean-token-mean, the 0-d scale c with
+    w = mask * c instead of w [N]: `token_loss_terms` folds it in, saving an [N] float32 pass.
     """
     op = "aggregation_weights"
     check_choice(op, "agg", agg, AGG_MODES)
@@ -197,23 +211,28 @@ def aggregation_weights(
             raise ValueError(f"{op}: seq_ids is required for agg={agg!r}")
         check_tensor(op, "seq_ids", seq_ids, shape=tuple(mask.shape), integer=True, device=dev)
 
-    m = mask.to(dtype)
+    # w = base * c; base = m, or 1 when the caller takes the 0-d scale c (w = mask * c) to fold in
+    uniform = not per_token and agg != "seq-mean-token-mean"
+    base = torch.ones((), dtype=dtype, device=dev) if uniform else mask.to(dtype)
 
     def safe_div(num, den):  # num is 0 wherever den is 0 (masked tokens / empty batch): give 0, not NaN
         den = torch.as_tensor(den, dtype=dtype, device=dev)
         return num / torch.where(den != 0, den, torch.ones_like(den))
 
     if agg == "token-mean":
-        return safe_div(m, m.sum() if global_tokens is None else global_tokens)
+        return safe_div(base, mask.sum(dtype=dtype) if global_tokens is None else global_tokens)
 
-    dense = _dense_segment_ids(seq_ids)
-    per_seq = torch.zeros(m.numel(), dtype=dtype, device=dev).index_add_(0, dense, m)  # [U] (padded to N)
-    n_seqs = (per_seq > 0).sum().to(dtype) if global_seqs is None else global_seqs
+    n_seqs = global_seqs
+    if n_seqs is None or agg == "seq-mean-token-mean":
+        dense = _dense_segment_ids(seq_ids)
+        per_seq = torch.zeros(mask.numel(), dtype=dtype, device=dev).index_add_(0, dense, mask.to(dtype))  # [N]
+        if n_seqs is None:
+            n_seqs = (per_seq > 0).sum().to(dtype)
     if agg == "seq-mean-token-mean":
-        return safe_div(safe_div(m, per_seq[dense]), n_seqs)
+        return safe_div(safe_div(base, per_seq[dense]), n_seqs)
     if agg == "seq-mean-token-sum":
-        return safe_div(m, n_seqs)
-    return safe_div(m, n_seqs) / loss_scale  # seq-mean-token-sum-norm
+        return safe_div(base, n_seqs)
+    return safe_div(base, n_seqs) / loss_scale  # seq-mean-token-sum-norm
 
 
 # ----------------------------------------------------------------------------- reference (the spec)
@@ -350,6 +369,7 @@ def _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weight
             kl_estimator=kl_estimator,
         )
         w = weights.detach().float()
+        w = mask.float() * w if w.dim() == 0 else w  # [N]
         loss = (w * total).sum()
         (grad,) = torch.autograd.grad(loss, leaf)
     stats = _stats_from_terms(total, terms, mask.float(), w)
@@ -361,7 +381,7 @@ def token_loss_terms(
     old_logprobs: torch.Tensor,  # [N] float
     advantages: torch.Tensor,  # [N] float (per token: broadcast sequence advantages before calling)
     mask: torch.Tensor,  # [N] bool / int / float
-    weights: torch.Tensor,  # [N] float, from aggregation_weights (0 on masked tokens)
+    weights: torch.Tensor,  # [N] float from aggregation_weights (0 on masked tokens), or 0-d: w = mask * weights
     *,
     ref_logprobs: torch.Tensor | None = None,  # [N] float
     clip_low: float,
@@ -378,6 +398,7 @@ def token_loss_terms(
     caller processing token chunks adds them up. On CUDA (or impl="triton") this is one Triton kernel:
     one read of each input, one write of the gradient, per-program partial stats summed by torch.
     """
+    check_tensor("token_loss_terms", "weights", weights, floating=True)
     _validate_all("token_loss_terms", logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low,
                   clip_high, dual_clip, kl_coef, kl_estimator, weights=weights)
     backend = resolve_impl(impl, logprobs.device, op="token_loss_terms")
@@ -400,12 +421,13 @@ if triton is not None:
 
     @triton.jit
     def _policy_loss_fwd_bwd_kernel(
-        logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, w_ptr,  # [N] inputs (any float / mask dtype)
+        logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, w_ptr,  # [N] inputs (any float / mask dtype); w may be 0-d
         grad_ptr,  # [N] f32 out: d loss / d logp
         partials_ptr,  # [num_programs, NUM_STATS] f32 out: this program's stat sums
         N, n_tiles,
         clip_low, clip_high, dual_clip, kl_coef,  # Python floats (the interpreter passes them as such)
         HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,  # KL_KIND: 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
+        W_IS_SCALE: tl.constexpr,  # w_ptr holds one scale c: w = mask * c (no [N] weights pass)
         NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # Forward and backward in one pass: the loss is a sum of per-token terms, so each token's
@@ -422,6 +444,8 @@ if triton is not None:
         acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
         acc_unw = tl.zeros([BLOCK], dtype=tl.float32)
         acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
+        if W_IS_SCALE:
+            w_scale = tl.load(w_ptr).to(tl.float32)
         for tile in range(pid, n_tiles, nprog):
             offs = tile * BLOCK + lanes  # int32: N < 2**31 tokens per call
             in_bounds = offs < N
@@ -431,7 +455,10 @@ if triton is not None:
             logp = tl.where(valid, tl.load(logp_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
             old = tl.where(valid, tl.load(old_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
             adv = tl.where(valid, tl.load(adv_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
-            w = tl.where(valid, tl.load(w_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+            if W_IS_SCALE:
+                w = m * w_scale
+            else:
+                w = tl.where(valid, tl.load(w_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
 
             log_ratio = logp - old
             in_clamp = (log_ratio >= -20.0) & (log_ratio <= 20.0)  # torch.clamp passes grad at the bounds
@@ -522,7 +549,7 @@ def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights,
     _policy_loss_fwd_bwd_kernel[(nprog,)](
         *contiguous[:3], ref, contiguous[3], contiguous[4], grad, partials, n, triton.cdiv(n, block),
         clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, kl_coef,
-        HAS_DUAL=dual_clip is not None, KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
+        HAS_DUAL=dual_clip is not None, W_IS_SCALE=weights.dim() == 0, KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
         NUM_STATS=_NUM_STATS, BLOCK=block, num_warps=num_warps,
     )
     stats = partials.sum(0)
@@ -613,7 +640,7 @@ def policy_loss(
             global_seqs=global_seqs,
         )
     weights = aggregation_weights(mask, seq_ids, agg, loss_scale=loss_scale, global_tokens=global_tokens,
-                                  global_seqs=global_seqs)
+                                  global_seqs=global_seqs, per_token=False)  # 0-d scale where the mode allows
     loss, _grad, stats_vec = policy_loss_terms_op(
         logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip), float(kl_coef), kl_estimator,

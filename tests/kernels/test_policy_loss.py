@@ -12,6 +12,7 @@ from wz_kernels.policy_loss import (
     AGG_MODES,
     KL_ESTIMATORS,
     STAT_NAMES,
+    _dense_segment_ids,
     _policy_loss_terms_triton,
     aggregation_weights,
     policy_loss,
@@ -264,6 +265,28 @@ def test_aggregation_matches_trl_formulas():
     assert torch.allclose(w2, mask.flatten().float() / 4)
 
 
+@pytest.mark.parametrize("ids", [[5], [3, 3, 3], [-7, 2, 2, 9, 9, 9, 40], [9, -7, 2, 9, 40, 2, 9]])
+def test_dense_segment_ids_match_torch_unique(ids):
+    ids = torch.tensor(ids)
+    assert torch.equal(_dense_segment_ids(ids), torch.unique(ids, return_inverse=True)[1])
+
+
+@pytest.mark.parametrize("agg", [a for a in AGG_MODES if a != "seq-mean-token-mean"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scale_weights_equal_per_token_weights(agg, impl):
+    """per_token=False gives the 0-d c with w = mask * c; token_loss_terms takes either form."""
+    b = make_batch(97, 5, seed=29)
+    kw = dict(loss_scale=agg_kwargs(agg)["loss_scale"])
+    w = aggregation_weights(b["mask"], b["seq"], agg, **kw)
+    c = aggregation_weights(b["mask"], b["seq"], agg, per_token=False, **kw)
+    assert c.dim() == 0 and torch.allclose(b["mask"].float() * c, w)
+    f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in b.items()}
+    outs = [token_loss_terms(f32["logp"], f32["old"], f32["adv"], b["mask"], weights, ref_logprobs=f32["ref"],
+                             clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.1, kl_estimator="k2", impl=impl)
+            for weights in (w, c)]
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-6) and torch.allclose(outs[0][1], outs[1][1], rtol=1e-6)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_micro_batch_accumulation_identity(impl, agg):
@@ -344,7 +367,17 @@ BAD_INPUTS = [
     (dict(kl_coef=0.1, ref_logprobs=None), "ref_logprobs"),
     (dict(global_tokens=0), "global_tokens"),
     (dict(global_seqs=torch.ones(2), agg="seq-mean-token-sum"), "global_seqs"),
+    (dict(advantages=torch.zeros(6, dtype=torch.complex64)), "advantages"),
 ]
+
+
+def test_token_loss_terms_checks_weights():
+    kw = _good()
+    args = [kw.pop(k) for k in ("logprobs", "old_logprobs", "advantages", "mask")]
+    cfg = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3")
+    for bad in (None, torch.ones(5), torch.ones(6, dtype=torch.long)):
+        with pytest.raises(ValueError, match="weights"):
+            token_loss_terms(*args, bad, **cfg)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
