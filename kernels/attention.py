@@ -322,7 +322,7 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     """Constexpr flags shared by every launch: fp32 stays IEEE (no TF32), bf16/fp16 upcast when interpreting."""
     return dict(
         UPCAST=interpreting() and q.dtype != torch.float32,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: triton's default for 16-bit operands
         BLOCK_D=max(16, next_power_of_2(q.shape[-1])),
         HEAD_DIM=q.shape[-1],
     )

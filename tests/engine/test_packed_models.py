@@ -155,6 +155,29 @@ def test_generate_and_padding_fall_back_to_sdpa(seqs, tmp_path):
     assert torch.equal(gen, ref)
 
 
+def test_no_mask_is_built_for_packed_prefill_even_with_a_cache(seqs):
+    """transformers' mask creation for "wz_varlen" returns no mask (no N x N tensor) for a packed
+    prefill, cache or not; decoding with a cache gets sdpa's mask path."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    config = CONFIGS["qwen2"]()
+    config._attn_implementation = WZ_VARLEN
+    embeds = torch.zeros(1, 25, 8)
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    for cache in (None, DynamicCache(config=config)):
+        assert create_causal_mask(config, embeds, None, cache, position_ids=pos) is None
+    built = []
+    model = _model("qwen2", attn=WZ_VARLEN)
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: built.append(kwargs.get("attention_mask")), with_kwargs=True)
+    (batch,) = pack_sequences(seqs, max_tokens=64)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=True)
+    hook.remove()
+    assert built == [None]
+
+
 def test_cu_seqlens_from_position_ids():
     cu, max_len = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 0, 1, 5, 6]]))
     assert cu.tolist() == [0, 3, 4, 6, 8] and cu.dtype == torch.int32 and max_len == 3
