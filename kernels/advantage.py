@@ -52,7 +52,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import check_choice, check_finite, check_tensor, next_power_of_2, resolve_impl, triton_available
+from ._backend import (
+    check_choice,
+    check_finite,
+    check_tensor,
+    next_power_of_2,
+    resolve_impl,
+    triton_available,
+)
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 GIGPO_MODES = ("mean_norm", "mean_std_norm")
@@ -104,43 +111,44 @@ def _segment_index(*keys: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inverse, uniques.numel()
 
 
-def _segment_moments(values: torch.Tensor, inverse: torch.Tensor, num_segments: int):
-    """Per-row group size n, centred value r - mean_g, and unbiased std_g (0 for groups of one).
+def _segment_advantages(values: torch.Tensor, inverse: torch.Tensor, num_segments: int, rule: _Rule,
+                        eps: float) -> torch.Tensor:
+    """Every estimator is an affine map per group: A = (r - baseline_g) * scale_g (then, for
+    reinforce_pp_baseline, the batch whitening).
 
-    values [B] float, inverse [B] int64 in [0, num_segments) -> three [B] tensors of values' dtype.
+    values [B] float, inverse [B] int64 in [0, num_segments) -> A [B] of values' dtype.
+    r - baseline_g is computed as (r - shift_g) - (baseline_g - shift_g) with shift_g the value of
+    the group's first row, so a large common offset cancels exactly. Per-row work is a handful of
+    gathers; everything else is per group.
     """
     num_rows = values.numel()
     rows = torch.arange(num_rows, device=values.device)
     first = torch.full((num_segments,), num_rows, dtype=torch.long, device=values.device)
     first.scatter_reduce_(0, inverse, rows, reduce="amin")
-    # index_select, not x[inverse]: advanced indexing is ~50x slower on CPU
-    shift = values.index_select(0, first).index_select(0, inverse)
-    shifted = values - shift  # [B]: relative to a member of the group (exact)
-    zeros = values.new_zeros(num_segments)
-    count = zeros.index_add(0, inverse, torch.ones_like(values))
-    mean_shifted = zeros.index_add(0, inverse, shifted) / count
-    centred = shifted - mean_shifted.index_select(0, inverse)
-    m2 = zeros.index_add(0, inverse, centred * centred)
-    std = (m2 / (count - 1).clamp_min(1)).sqrt()
-    return count.index_select(0, inverse), centred, std.index_select(0, inverse)
-
-
-def _apply_rule(values, count, centred, std, rule: _Rule, eps: float) -> torch.Tensor:
-    """The per-row formula shared by every estimator (see _Rule); all arguments [B]."""
-    if rule.leave_one_out:
-        adv = centred * count / (count - 1).clamp_min(1)
-    elif rule.divide_by_std:
-        adv = centred / (std + eps)
+    shift = values.index_select(0, first)  # [G]
+    # index_select, not x[inverse]: advanced indexing is much slower on CPU
+    shifted = values - shift.index_select(0, inverse)  # [B], exact: r and shift_g are close
+    count = torch.bincount(inverse, minlength=num_segments).to(values.dtype)  # [G]
+    baseline = values.new_zeros(num_segments).index_add_(0, inverse, shifted) / count  # mean_g - shift_g
+    if rule.divide_by_std:  # unbiased std from the centred values (two passes, no cancellation)
+        centred = shifted - baseline.index_select(0, inverse)
+        m2 = values.new_zeros(num_segments).index_add_(0, inverse, centred * centred)
+        scale = 1.0 / ((m2 / (count - 1).clamp_min(1)).sqrt() + eps)
+    elif rule.leave_one_out:  # r - (sum - r) / (n - 1) = n / (n - 1) * (r - mean)
+        scale = count / (count - 1).clamp_min(1)
     else:
-        adv = centred
-    if rule.singleton_keeps_reward:
-        alone = values / (1.0 + eps) if rule.divide_by_std else values
+        scale = torch.ones_like(count)
+    alone = count == 1
+    if rule.singleton_keeps_reward:  # baseline 0, std 1
+        baseline = torch.where(alone, -shift, baseline)
+        alone_scale = 1.0 / (1.0 + eps) if rule.divide_by_std else 1.0
+        scale = torch.where(alone, torch.full_like(scale, alone_scale), scale)
     else:
-        alone = torch.zeros_like(values)
-    adv = torch.where(count == 1, alone, adv)
+        scale = torch.where(alone, torch.zeros_like(scale), scale)
+    adv = (shifted - baseline.index_select(0, inverse)) * scale.index_select(0, inverse)
     if rule.whiten_batch:
         adv = adv - adv.mean()
-        var = (adv * adv).sum() / max(adv.numel() - 1, 1)
+        var = (adv * adv).sum() / max(num_rows - 1, 1)
         adv = adv / (var.sqrt() + eps)
     return adv
 
@@ -159,8 +167,7 @@ def group_advantages_reference(
     if values.numel() == 0:
         return values.clone()
     inverse, num_segments = _segment_index(group_ids)
-    count, centred, std = _segment_moments(values, inverse, num_segments)
-    return _apply_rule(values, count, centred, std, _ESTIMATOR_RULES[estimator], eps)
+    return _segment_advantages(values, inverse, num_segments, _ESTIMATOR_RULES[estimator], eps)
 
 
 def brpo_advantages_reference(
@@ -195,8 +202,8 @@ def gigpo_advantages_reference(
     episode_rule, step_rule = _gigpo_rules(mode)
     group_index, num_groups = _segment_index(group_ids)
     anchor_index, num_anchors = _segment_index(group_ids, anchor_ids)
-    a_episode = _apply_rule(episode, *_segment_moments(episode, group_index, num_groups), episode_rule, eps)
-    a_step = _apply_rule(step, *_segment_moments(step, anchor_index, num_anchors), step_rule, eps)
+    a_episode = _segment_advantages(episode, group_index, num_groups, episode_rule, eps)
+    a_step = _segment_advantages(step, anchor_index, num_anchors, step_rule, eps)
     return a_episode + step_weight * a_step
 
 
@@ -277,6 +284,7 @@ if triton_available():
         squares = tl.load(stats_ptr + 2 * T + slot, mask=in_batch, other=0.0, cache_modifier=".cg")
         shift = tl.load(values_ptr + owner, mask=in_batch, other=0.0).to(tl.float32)
         mean_shifted = total / count
+        # one-pass moments about a group member: cancellation is bounded by ~n, not by the offset
         var = tl.maximum(squares - total * mean_shifted, 0.0) / tl.maximum(count - 1.0, 1.0)
         centred = (value - shift) - mean_shifted
         return value, count, centred, tl.sqrt(var), total, shift
@@ -286,7 +294,7 @@ if triton_available():
         value, count, centred, std, eps,
         DIVIDE_BY_STD: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SINGLETON_KEEPS_REWARD: tl.constexpr,
     ):
-        """Kernel twin of `_apply_rule` without the batch whitening."""
+        """Kernel twin of `_segment_advantages` for a block of rows, without the batch whitening."""
         if LEAVE_ONE_OUT:
             adv = centred * count / tl.maximum(count - 1.0, 1.0)
         elif DIVIDE_BY_STD:
@@ -304,7 +312,7 @@ if triton_available():
 
     @triton.jit
     def _group_advantages_fwd_kernel(
-        values_ptr, key_ptr, out_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T, eps,
+        values_ptr, key_ptr, out_ptr, table_ptr, stats_ptr, slot_ptr, B, T, LOG_T, eps, BATCH_DOF,
         DIVIDE_BY_STD: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SINGLETON_KEEPS_REWARD: tl.constexpr,
         WHITEN_BATCH: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -330,7 +338,7 @@ if triton_available():
                 in_batch = rows < B
                 x = tl.load(out_ptr + rows, mask=in_batch, other=0.0) - batch_mean
                 batch_m2 += tl.where(in_batch, x * x, 0.0)
-            batch_std = tl.sqrt(tl.sum(batch_m2, axis=0) / tl.maximum(B - 1, 1))
+            batch_std = tl.sqrt(tl.sum(batch_m2, axis=0) / BATCH_DOF)
             for start in range(0, B, BLOCK):
                 rows = start + offs
                 in_batch = rows < B
@@ -391,7 +399,10 @@ class _LaunchConfig:
 def _launch_config(num_rows: int, device: torch.device) -> _LaunchConfig:
     if device.type != "cuda":  # the interpreter pays per loop step, not per element
         return _LaunchConfig(block=max(64, min(1024, next_power_of_2(num_rows))), num_warps=1)
-    return _LaunchConfig(block=1024, num_warps=8)
+    # One CTA streams the batch: wide blocks mean fewer dependent CAS/gather round trips per row.
+    if num_rows > 2048:
+        return _LaunchConfig(block=4096, num_warps=16)
+    return _LaunchConfig(block=max(64, next_power_of_2(num_rows)), num_warps=4)
 
 
 def _segment_scratch(num_rows: int, device: torch.device):
@@ -417,7 +428,7 @@ def _group_advantages_triton(rewards, group_ids, estimator: str, eps: float, out
     cfg = _launch_config(rewards.numel(), rewards.device)
     _group_advantages_fwd_kernel[(1,)](
         rewards.contiguous(), _ids(group_ids), out, table, stats, slot, rewards.numel(), slots,
-        slots.bit_length() - 1, float(eps),
+        slots.bit_length() - 1, float(eps), max(rewards.numel() - 1, 1),
         DIVIDE_BY_STD=rule.divide_by_std, LEAVE_ONE_OUT=rule.leave_one_out,
         SINGLETON_KEEPS_REWARD=rule.singleton_keeps_reward, WHITEN_BATCH=rule.whiten_batch,
         BLOCK=cfg.block, num_warps=cfg.num_warps,
@@ -435,8 +446,8 @@ def _brpo_advantages_triton(pairwise_rewards, group_ids, skew_threshold: float, 
         table, stats, slot, slots = _segment_scratch(num_rows, pairwise_rewards.device)
         cfg = _launch_config(num_rows, pairwise_rewards.device)
         _brpo_advantages_fwd_kernel[(1,)](
-            pairwise_rewards.to(torch.float32).contiguous(), _ids(group_ids), out, kept, table, stats, slot, num_rows,
-            slots, slots.bit_length() - 1, float(skew_threshold), BLOCK=cfg.block, num_warps=cfg.num_warps,
+            pairwise_rewards.to(torch.float32).contiguous(), _ids(group_ids), out, kept, table, stats, slot,
+            num_rows, slots, slots.bit_length() - 1, float(skew_threshold), BLOCK=cfg.block, num_warps=cfg.num_warps,
         )
     return out, kept.view(torch.bool)
 
@@ -492,7 +503,8 @@ def _(pairwise_rewards, group_ids, skew_threshold):
 @torch.library.custom_op("wz::gigpo_advantages_fwd", mutates_args=())
 def _gigpo_advantages_op(episode_returns: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor,
                          anchor_ids: torch.Tensor, step_weight: float, mode: str, eps: float) -> torch.Tensor:
-    return _gigpo_advantages_triton(episode_returns, group_ids, step_returns, anchor_ids, step_weight, mode, eps)
+    return _gigpo_advantages_triton(episode_returns, group_ids, step_returns, anchor_ids, step_weight, mode,
+                                    eps)
 
 
 @_gigpo_advantages_op.register_fake

@@ -307,7 +307,8 @@ def test_gigpo_random(mode, num_rows, num_groups, num_anchors, garbage_scratch):
     episode = _rewards(num_rows, gen, offset=3.0)
     step = _rewards(num_rows, gen)
     expected = _t(oracle_gigpo(episode.tolist(), ids.tolist(), step.tolist(), anchors.tolist(), 0.7, mode))
-    ref64 = adv.gigpo_advantages_reference(episode, ids, step, anchors, step_weight=0.7, mode=mode, upcast=True)
+    ref64 = adv.gigpo_advantages_reference(episode, ids, step, anchors, step_weight=0.7, mode=mode,
+                                           upcast=True)
     assert_close_to_reference(ref64, expected, atol=1e-9, rtol=1e-9, name="reference")
     out = _run_triton(adv._gigpo_advantages_triton, episode, ids, step, anchors, 0.7, mode, EPS,
                       out_shape=(num_rows,))
@@ -323,7 +324,8 @@ def test_opcheck():
     rewards = _rewards(20, gen)
     torch.library.opcheck(torch.ops.wz.group_advantages_fwd, (rewards, ids, "grpo", EPS))
     torch.library.opcheck(torch.ops.wz.brpo_advantages_fwd, (rewards.sign(), ids, 0.6))
-    torch.library.opcheck(torch.ops.wz.gigpo_advantages_fwd, (rewards, ids, rewards, ids % 3, 1.0, "mean_norm", EPS))
+    torch.library.opcheck(torch.ops.wz.gigpo_advantages_fwd,
+                          (rewards, ids, rewards, ids % 3, 1.0, "mean_norm", EPS))
 
 
 def test_torch_compile_traces_the_kernel():
@@ -372,3 +374,30 @@ R3, I3 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- GPU (skipped on CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows,num_groups", [(1, 1), (4099, 300), (16384, 1024), (20000, 20000)])
+def test_triton_on_cuda_matches_reference(num_rows, num_groups):
+    """The compiled kernel (block 4096, 16 warps: paths the interpreter runs never take) vs float64."""
+    gen = torch.Generator().manual_seed(num_rows)
+    ids = random_ids(num_rows, num_groups, gen)
+    rewards = _rewards(num_rows, gen, offset=100.0)
+    anchors = random_ids(num_rows, 7, gen)
+    for estimator in adv.ESTIMATORS:
+        expected = adv.group_advantages_reference(rewards, ids, estimator, upcast=True)
+        out = group_advantages(rewards.cuda(), ids.cuda(), estimator, validate=False)
+        assert_close_to_reference(out.cpu(), expected, atol=1e-4, rtol=1e-4, name=estimator)
+    signs = rewards.sub(100.0).sign()
+    expected, expected_kept = adv.brpo_advantages_reference(signs, ids)
+    out, kept = brpo_advantages(signs.cuda(), ids.cuda(), validate=False)
+    assert torch.equal(out.cpu(), expected) and torch.equal(kept.cpu(), expected_kept)
+    for mode in adv.GIGPO_MODES:
+        expected = adv.gigpo_advantages_reference(rewards, ids, rewards.sin(), anchors, mode=mode,
+                                                  upcast=True)
+        out = gigpo_advantages(rewards.cuda(), ids.cuda(), rewards.sin().cuda(), anchors.cuda(), mode=mode,
+                               validate=False)
+        assert_close_to_reference(out.cpu(), expected, atol=1e-4, rtol=1e-4, name=mode)
