@@ -10,8 +10,10 @@ finished, so a partial checkpoint is never found by `--resume`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import warnings
 import shutil
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
         tmp.mkdir(parents=True)
     wzdist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{rank}.pt")
     if rank == 0:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -102,16 +105,26 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "model_optim"))
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path / "model_optim"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path / "model_optim"))
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path / "model_optim"))
         set_model_state_dict(model, state["model"])
     mine = path / f"trainer_rank{rank}.pt"
     trainer = torch.load(mine if mine.exists() else path / "trainer_rank0.pt", weights_only=False)
     if mine.exists():
         set_rng_state(trainer["rng"])
     return trainer
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when there is no process group; world size 1 without one is a supported mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

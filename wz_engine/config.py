@@ -51,6 +51,8 @@ class TinyModelConfig:
 
     vocab_size: int = 384
     """Size of the byte-level BPE vocabulary trained on the run's own prompts."""
+    full_byte_alphabet: bool = True
+    """Keep all 256 bytes in the vocabulary; false keeps only the bytes of the training text."""
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4

@@ -88,6 +88,7 @@ def shard_model(root: torch.nn.Module, lm: torch.nn.Module, info: DistInfo, mixe
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return root
 
 

@@ -30,7 +30,7 @@ from wz_engine import distributed as wzdist
 from wz_engine.config import RunConfig, load_config
 from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
 from wz_engine.metrics import MetricsLogger, PhaseTimer, reward_monitors
-from wz_engine.rewards.advantages import compute_advantages
+from wz_engine.rewards.advantages import compute_advantages, loss_rows
 from wz_engine.rewards.dapo import informative_groups, overlong_penalty
 from wz_engine.rollout.base import SamplingParams
 from wz_engine.update import (LossOptions, PackedPolicy, accumulate_gradients, clip_and_norm, lr_lambda,
@@ -70,7 +70,8 @@ def build_tokenizer_and_model(cfg: RunConfig, output_dir: Path, prompt_texts: li
                 texts = corpus()
             else:
                 texts = list(prompt_texts or [])
-            tokenizer = build_tokenizer(texts, vocab_size=mc.tiny.vocab_size)
+            tokenizer = build_tokenizer(texts, vocab_size=mc.tiny.vocab_size,
+                                        full_byte_alphabet=mc.tiny.full_byte_alphabet)
         t = mc.tiny
         lm = build_tiny_qwen2(len(tokenizer), hidden_size=t.hidden_size, num_layers=t.num_layers,
                               num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
@@ -266,7 +267,7 @@ class Trainer:
             lengths = torch.tensor([len(c.token_ids) for g in groups for c in g])
             values = values + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer,
                                                a.overlong_penalty) * adv.kept
-        in_loss = ~is_ref if (a.estimator == "brpo" and not a.keep_reference) else torch.ones_like(is_ref)
+        in_loss = loss_rows(a.estimator, is_ref, a.keep_reference)
         values = torch.where(is_ref, torch.zeros_like(values), values)
         return values, in_loss, adv.kept
 

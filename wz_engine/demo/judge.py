@@ -68,6 +68,6 @@ def corpus() -> list[str]:
     from wz_engine.demo.prompts import load_demo_prompts
 
     lines = [row["prompt"] for row in load_demo_prompts()]
-    for topic, words in TOPICS.items():
-        lines.append(" ".join([topic, *words, *FUNCTION_WORDS]))
-    return lines * 4
+    # Every judge word often enough that BPE merges it into one token (with its leading space).
+    lines += [" ".join([word] * 20) for word in sorted(VOCABULARY)]
+    return lines

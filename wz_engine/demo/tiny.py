@@ -16,10 +16,12 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, full_byte_alphabet: bool = True):
     """A byte-level BPE tokenizer trained on `corpus`, wrapped as a PreTrainedTokenizerFast.
 
     ChatML chat template; EOS is `<|im_end|>` (ends an assistant turn), PAD is `<|endoftext|>`.
+    `full_byte_alphabet=False` keeps only the bytes seen in the corpus (a much smaller vocabulary, so
+    a random model starts out emitting mostly real word pieces; text with other characters loses them).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -30,7 +32,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_byte_alphabet else [],
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)

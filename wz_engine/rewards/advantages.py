@@ -26,3 +26,11 @@ def compute_advantages(estimator: str, rewards: torch.Tensor, group_ids: torch.T
         return Advantages(values.float(), kept.bool())
     values = group_advantages(rewards.float(), group_ids, estimator)
     return Advantages(values.float(), torch.ones_like(values, dtype=torch.bool))
+
+
+def loss_rows(estimator: str, is_reference: torch.Tensor, keep_reference: bool) -> torch.Tensor:
+    """[B] bool rows that enter the loss: BRPO leaves each group's reference out unless
+    `keep_reference` (then it stays in with A = 0); other estimators keep every row."""
+    if estimator == "brpo" and not keep_reference:
+        return ~is_reference
+    return torch.ones_like(is_reference, dtype=torch.bool)

@@ -30,7 +30,8 @@ class BRPORewards:
     """[P*G] bool: True on each group's reference rollout."""
     stats: dict
     """Judge monitors: invalid_rate, position_bias (share of decisive verdicts won by the
-    first-shown response), inconsistent_rate, num_verdicts."""
+    first-shown response), inconsistent_rate, num_verdicts, score_mean (mean raw score of valid
+    verdicts: an absolute level, where the rewards are only relative)."""
 
 
 def draw_references(prompt_uids: Sequence[int], group_size: int, seed: int, step: int) -> list[int]:
@@ -81,7 +82,8 @@ def assemble_brpo_rewards(
 
     # Tally per challenger: wins, losses, invalid.
     tally: dict[tuple[int, int], list[int]] = {}
-    first_wins = decisive = invalid = 0
+    first_wins = decisive = invalid = 0  # decisive: valid, not a tie
+    score_sum = 0.0
     for (p, i, order), v in zip(keys, verdicts):
         t = tally.setdefault((p, i), [0, 0, 0])
         w = v.winner
@@ -89,6 +91,7 @@ def assemble_brpo_rewards(
             t[2] += 1
             invalid += 1
             continue
+        score_sum += v.score_a + v.score_b
         if w != "tie":
             decisive += 1
             first_wins += w == "a"
@@ -124,5 +127,6 @@ def assemble_brpo_rewards(
         "judge/position_bias": first_wins / decisive if decisive else float("nan"),
         "judge/inconsistent_rate": n_inconsistent / max(n_challengers, 1),
         "judge/num_verdicts": len(verdicts),
+        "judge/score_mean": score_sum / (2 * (len(verdicts) - invalid)) if len(verdicts) > invalid else float("nan"),
     }
     return BRPORewards(rewards, is_ref, stats)

@@ -1,0 +1,154 @@
+"""BRPO reward assembly and advantages, checked against hand-computed cases (DESIGN.md section 5)."""
+
+import pytest
+import torch
+
+from wz_engine.judge.base import Verdict
+from wz_engine.rewards.advantages import compute_advantages, loss_rows
+from wz_engine.rewards.brpo import assemble_brpo_rewards, draw_references
+
+
+class QualityJudge:
+    """Prefers the response with the higher quality; records every request."""
+
+    def __init__(self, quality, invalid=()):
+        self.quality, self.invalid, self.requests = quality, set(invalid), []
+
+    def judge(self, requests):
+        self.requests.extend(requests)
+        out = []
+        for r in requests:
+            if {r.response_a, r.response_b} & self.invalid:
+                out.append(Verdict(None, None, False, raw="garbage"))
+            else:
+                out.append(Verdict(self.quality[r.response_a], self.quality[r.response_b], True))
+        return out
+
+
+class FirstWinsJudge:
+    def judge(self, requests):
+        return [Verdict(1.0, 0.0, True) for _ in requests]
+
+
+class ScriptedJudge:
+    """Returns the winners in `script` ("a"/"b"/"tie") in call order."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def judge(self, requests):
+        assert len(requests) == len(self.script)
+        return [Verdict(*{"a": (1, 0), "b": (0, 1), "tie": (1, 1)}[w], True) for w in self.script]
+
+
+G = 4
+GROUP = ["w", "x", "y", "z"]
+
+
+def _ref(step=0, uid=0, seed=0):
+    return draw_references([uid], G, seed, step)[0]
+
+
+def test_reference_draw_is_seeded_fresh_per_step_and_uniform():
+    assert draw_references([3, 9], G, seed=1, step=5) == draw_references([3, 9], G, seed=1, step=5)
+    draws = [draw_references([u], G, seed=0, step=s)[0] for s in range(100) for u in range(20)]
+    counts = torch.bincount(torch.tensor(draws), minlength=G).float() / len(draws)
+    assert counts.min() > 0.2 and counts.max() < 0.3
+    assert len({draw_references([0], G, 0, s)[0] for s in range(20)}) > 1  # fresh every step
+
+
+def test_win_loss_against_the_reference_and_both_orders():
+    quality = {"w": 1.0, "x": 4.0, "y": 2.0, "z": 3.0}
+    judge = QualityJudge(quality)
+    out = assemble_brpo_rewards(judge, ["q"], [GROUP], [0], step=0, seed=0)
+    ref = _ref()
+    expected = [0.0 if i == ref else (1.0 if quality[t] > quality[GROUP[ref]] else -1.0) for i, t in enumerate(GROUP)]
+    assert out.rewards.tolist() == expected
+    assert out.is_reference.tolist() == [i == ref for i in range(G)]
+    # 3 challengers x 2 orders x 1 vote; each pair appears once with the challenger first, once second.
+    assert len(judge.requests) == 6
+    firsts = [r.response_a for r in judge.requests]
+    seconds = [r.response_b for r in judge.requests]
+    assert firsts.count(GROUP[ref]) == 3 and seconds.count(GROUP[ref]) == 3
+    assert out.stats["judge/invalid_rate"] == 0.0
+
+
+def test_position_biased_judge_is_inconsistent_lose_by_default_tie_as_option():
+    lose = assemble_brpo_rewards(FirstWinsJudge(), ["q"], [GROUP], [0], step=0, seed=0)
+    tie = assemble_brpo_rewards(FirstWinsJudge(), ["q"], [GROUP], [0], step=0, seed=0, inconsistent="tie")
+    ref = _ref()
+    assert lose.rewards.tolist() == [0.0 if i == ref else -1.0 for i in range(G)]
+    assert tie.rewards.tolist() == [0.0] * G
+    assert lose.stats["judge/position_bias"] == 1.0
+    assert lose.stats["judge/inconsistent_rate"] == 1.0
+
+
+def test_votes_win_only_by_winning_every_condition():
+    # Two challengers (G=3 with ref), votes=2: per challenger 2 orders x 2 votes = 4 verdicts.
+    group = ["a0", "a1", "a2"]
+    ref = draw_references([7], 3, 0, 0)[0]
+    challengers = [i for i in range(3) if i != ref]
+    # challenger 1: wins all four (order 0 -> "a" wins, order 1 -> "b" wins); challenger 2: loses one vote.
+    script = ["a", "a", "b", "b"] + ["a", "a", "b", "a"]
+    out = assemble_brpo_rewards(ScriptedJudge(script), ["q"], [group], [7], step=0, seed=0, votes=2)
+    r = out.rewards.tolist()
+    assert r[challengers[0]] == 1.0 and r[challengers[1]] == -1.0 and r[ref] == 0.0
+    # losing every condition is -1 even with inconsistent="tie"; a tie anywhere is not a win.
+    script = ["b", "b", "a", "a"] + ["a", "tie", "b", "b"]
+    out = assemble_brpo_rewards(ScriptedJudge(script), ["q"], [group], [7], step=0, seed=0, votes=2,
+                                inconsistent="tie")
+    assert out.rewards[challengers[0]] == -1.0 and out.rewards[challengers[1]] == 0.0
+
+
+def test_invalid_verdicts_give_zero_and_are_counted():
+    quality = {"w": 1.0, "x": 4.0, "y": 2.0, "z": 3.0}
+    ref = _ref()
+    bad = next(t for i, t in enumerate(GROUP) if i != ref)
+    out = assemble_brpo_rewards(QualityJudge(quality, invalid=[bad]), ["q"], [GROUP], [0], step=0, seed=0)
+    assert out.rewards[GROUP.index(bad)] == 0.0
+    assert out.stats["judge/invalid_rate"] == pytest.approx(2 / 6)
+    everything_bad = assemble_brpo_rewards(QualityJudge(quality, invalid=[GROUP[ref]]), ["q"], [GROUP], [0],
+                                           step=0, seed=0)
+    assert everything_bad.rewards.tolist() == [0.0] * G
+    assert everything_bad.stats["judge/invalid_rate"] == 1.0
+
+
+def test_skew_filter_and_reference_excluded_from_the_loss():
+    # group 0: three wins of four rows -> |3|/4 = 0.75 > 0.6: dropped. group 1: +1 -1 +1 -> 1/4: kept.
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, -1.0, 0.0, 1.0])
+    group_ids = torch.tensor([5, 5, 5, 5, 9, 9, 9, 9])
+    is_ref = rewards.eq(0)
+    adv = compute_advantages("brpo", rewards, group_ids, skew_threshold=0.6)
+    assert adv.values.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0]
+    assert adv.kept.tolist() == [False] * 4 + [True] * 4
+    assert loss_rows("brpo", is_ref, keep_reference=False).tolist() == (~is_ref).tolist()
+    assert loss_rows("brpo", is_ref, keep_reference=True).all()
+    assert loss_rows("grpo", is_ref, keep_reference=False).all()
+
+
+def test_grpo_estimator_through_the_kernel():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0])
+    g = torch.tensor([0, 0, 0, 1, 1])
+    adv = compute_advantages("grpo", r, g).values
+    torch.testing.assert_close(adv[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5, rtol=0)
+    assert adv[3:].abs().max() < 1e-6
+
+
+def test_callable_judge_by_import_path():
+    from wz_engine.judge.programmatic import CallableJudge
+
+    judge = CallableJudge.from_path("wz_engine.demo.judge:writing_judge")
+    prompt = "Write a short poem about the sea."
+    good, bad = "the blue wave and the salt shore with a boat", "zq zq zq"
+    group = [good, bad, good + " tide", bad + " x"]
+    out = assemble_brpo_rewards(judge, [prompt], [group], [3], step=2, seed=0)
+    ref = draw_references([3], 4, 0, 2)[0]
+    assert out.rewards[ref] == 0
+    assert out.stats["judge/invalid_rate"] == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="votes"):
+        assemble_brpo_rewards(FirstWinsJudge(), ["q"], [GROUP], [0], step=0, seed=0, votes=0)
+    with pytest.raises(ValueError, match="responses"):
+        assemble_brpo_rewards(FirstWinsJudge(), ["q"], [["only"]], [0], step=0, seed=0)
