@@ -100,35 +100,36 @@ def _gigpo_rules(mode: str) -> tuple[_Rule, _Rule]:
 # ----------------------------------------------------------------------------- reference
 
 
-def _segment_index(*keys: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Dense segment index [B] (rows with equal key tuples share a segment) and the segment count."""
+def _segment_index(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense segment index [B] (rows with equal key tuples share a segment) and segment sizes [G]."""
     num_rows = keys[0].numel()
-    uniques, inverse = torch.unique(keys[0], return_inverse=True)
+    _, inverse, counts = torch.unique(keys[0], return_inverse=True, return_counts=True)
     for key in keys[1:]:
         _, inverse_k = torch.unique(key, return_inverse=True)
         # both inverses are < B, so this pairing is collision-free and fits in int64
-        uniques, inverse = torch.unique(inverse * num_rows + inverse_k, return_inverse=True)
-    return inverse, uniques.numel()
+        _, inverse, counts = torch.unique(inverse * num_rows + inverse_k, return_inverse=True,
+                                          return_counts=True)
+    return inverse, counts
 
 
-def _segment_advantages(values: torch.Tensor, inverse: torch.Tensor, num_segments: int, rule: _Rule,
+def _segment_advantages(values: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, rule: _Rule,
                         eps: float) -> torch.Tensor:
     """Every estimator is an affine map per group: A = (r - baseline_g) * scale_g (then, for
     reinforce_pp_baseline, the batch whitening).
 
-    values [B] float, inverse [B] int64 in [0, num_segments) -> A [B] of values' dtype.
+    values [B] float, inverse [B] int64 in [0, G), counts [G] int64 -> A [B] of values' dtype.
     r - baseline_g is computed as (r - shift_g) - (baseline_g - shift_g) with shift_g the value of
     the group's first row, so a large common offset cancels exactly. Per-row work is a handful of
     gathers; everything else is per group.
     """
-    num_rows = values.numel()
+    num_rows, num_segments = values.numel(), counts.numel()
     rows = torch.arange(num_rows, device=values.device)
     first = torch.full((num_segments,), num_rows, dtype=torch.long, device=values.device)
     first.scatter_reduce_(0, inverse, rows, reduce="amin")
     shift = values.index_select(0, first)  # [G]
     # index_select, not x[inverse]: advanced indexing is much slower on CPU
     shifted = values - shift.index_select(0, inverse)  # [B], exact: r and shift_g are close
-    count = torch.bincount(inverse, minlength=num_segments).to(values.dtype)  # [G]
+    count = counts.to(values.dtype)  # [G]
     baseline = values.new_zeros(num_segments).index_add_(0, inverse, shifted) / count  # mean_g - shift_g
     if rule.divide_by_std:  # unbiased std from the centred values (two passes, no cancellation)
         centred = shifted - baseline.index_select(0, inverse)
@@ -166,8 +167,8 @@ def group_advantages_reference(
     values = rewards.to(_compute_dtype(upcast))
     if values.numel() == 0:
         return values.clone()
-    inverse, num_segments = _segment_index(group_ids)
-    return _segment_advantages(values, inverse, num_segments, _ESTIMATOR_RULES[estimator], eps)
+    inverse, counts = _segment_index(group_ids)
+    return _segment_advantages(values, inverse, counts, _ESTIMATOR_RULES[estimator], eps)
 
 
 def brpo_advantages_reference(
@@ -178,12 +179,11 @@ def brpo_advantages_reference(
     values = pairwise_rewards.to(_compute_dtype(upcast))
     if values.numel() == 0:
         return values.clone(), torch.ones_like(values, dtype=torch.bool)
-    inverse, num_segments = _segment_index(group_ids)
+    inverse, counts = _segment_index(group_ids)
     # Sums of +-1/0 and counts are exact integers in float32, and the test below is done in float32
     # by both implementations, so the kernel and the reference agree exactly at the boundary.
-    ones = torch.ones_like(values, dtype=torch.float32)
-    count = ones.new_zeros(num_segments).index_add_(0, inverse, ones)
-    total = ones.new_zeros(num_segments).index_add_(0, inverse, values.float())
+    count = counts.to(torch.float32)
+    total = count.new_zeros(counts.numel()).index_add_(0, inverse, values.float())
     dropped = total.abs() > torch.tensor(skew_threshold, dtype=torch.float32) * count  # [num_segments]
     kept = ~dropped.index_select(0, inverse)
     return torch.where(kept, values, torch.zeros_like(values)), kept
@@ -200,10 +200,8 @@ def gigpo_advantages_reference(
     if episode.numel() == 0:
         return episode.clone()
     episode_rule, step_rule = _gigpo_rules(mode)
-    group_index, num_groups = _segment_index(group_ids)
-    anchor_index, num_anchors = _segment_index(group_ids, anchor_ids)
-    a_episode = _segment_advantages(episode, group_index, num_groups, episode_rule, eps)
-    a_step = _segment_advantages(step, anchor_index, num_anchors, step_rule, eps)
+    a_episode = _segment_advantages(episode, *_segment_index(group_ids), episode_rule, eps)
+    a_step = _segment_advantages(step, *_segment_index(group_ids, anchor_ids), step_rule, eps)
     return a_episode + step_weight * a_step
 
 
@@ -523,6 +521,13 @@ def _check_rows(op: str, name: str, values, *, like: torch.Tensor | None, floati
                  device=None if like is None else like.device)
 
 
+def _check_finite(op: str, name: str, values: torch.Tensor) -> None:
+    """check_finite with a cheap first pass: a float64 sum is finite iff every element is (a float32
+    batch cannot overflow it); only a non-finite sum pays for the element-wise check and message."""
+    if values.numel() and not math.isfinite(float(values.sum(dtype=torch.float64))):
+        check_finite(op, name, values)
+
+
 def _check_scalar(op: str, name: str, value, *, minimum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
@@ -554,7 +559,7 @@ def group_advantages(
     check_choice(op, "estimator", estimator, ESTIMATORS)
     _check_scalar(op, "eps", eps, minimum=0.0)
     if validate:
-        check_finite(op, "rewards", rewards)
+        _check_finite(op, "rewards", rewards)
     if resolve_impl(impl, rewards.device, op=op) == "reference":
         return group_advantages_reference(rewards, group_ids, estimator, eps=eps)
     return torch.ops.wz.group_advantages_fwd(rewards, group_ids, estimator, float(eps))
@@ -628,8 +633,8 @@ def gigpo_advantages(
     _check_scalar(op, "step_weight", step_weight)
     _check_scalar(op, "eps", eps, minimum=0.0)
     if validate:
-        check_finite(op, "episode_returns", episode_returns)
-        check_finite(op, "step_returns", step_returns)
+        _check_finite(op, "episode_returns", episode_returns)
+        _check_finite(op, "step_returns", step_returns)
     if resolve_impl(impl, episode_returns.device, op=op) == "reference":
         return gigpo_advantages_reference(episode_returns, group_ids, step_returns, anchor_ids,
                                           step_weight=step_weight, mode=mode, eps=eps).float()
