@@ -217,7 +217,7 @@ def aggregation_weights(
 
     def safe_div(num, den):  # num is 0 wherever den is 0 (masked tokens / empty batch): give 0, not NaN
         den = torch.as_tensor(den, dtype=dtype, device=dev)
-        return num / torch.where(den != 0, den, torch.ones_like(den))
+        return num / den.clamp_min(torch.finfo(dtype).tiny)  # one small op (launch count matters on GPU)
 
     if agg == "token-mean":
         return safe_div(base, mask.sum(dtype=dtype) if global_tokens is None else global_tokens)
@@ -302,22 +302,26 @@ def _stats_from_terms(total, terms, m, weights):
         }
 
 
-def metrics_from_stats(stats: dict) -> dict:
+def metrics_from_stats(stats: dict | torch.Tensor) -> dict:
     """0-d metric tensors (no host sync) from additive stats (summed over chunks/micro-batches if any).
 
+    `stats`: the dict of `token_loss_terms`, or the same values as a [len(STAT_NAMES)] vector.
     loss; clip_frac_low / clip_frac_high / clip_frac_dual = clipped tokens / tokens (TRL's definition
     for low/high); ratio_mean, kl_mean = means over masked tokens; tokens. Empty -> 0, never NaN.
     """
-    tokens = stats["tokens"]
-    denom = torch.where(tokens > 0, tokens, torch.ones_like(tokens))
+    vec = stats if isinstance(stats, torch.Tensor) else torch.stack([stats[k] for k in STAT_NAMES])
+    vec = vec.detach()
+    tokens = vec[STAT_NAMES.index("tokens")]
+    # every sum is 0 when tokens is 0, so the tiny floor gives 0, not NaN; two ops in all (GPU launches)
+    means = vec / tokens.clamp_min(torch.finfo(vec.dtype).tiny)
     return {
-        "loss": stats["loss"].detach(),
-        "clip_frac_low": (stats["clipped_low"] / denom).detach(),
-        "clip_frac_high": (stats["clipped_high"] / denom).detach(),
-        "clip_frac_dual": (stats["clipped_dual"] / denom).detach(),
-        "ratio_mean": (stats["ratio_sum"] / denom).detach(),
-        "kl_mean": (stats["kl_sum"] / denom).detach(),
-        "tokens": tokens.detach(),
+        "loss": vec[STAT_NAMES.index("loss")],
+        "clip_frac_low": means[STAT_NAMES.index("clipped_low")],
+        "clip_frac_high": means[STAT_NAMES.index("clipped_high")],
+        "clip_frac_dual": means[STAT_NAMES.index("clipped_dual")],
+        "ratio_mean": means[STAT_NAMES.index("ratio_sum")],
+        "kl_mean": means[STAT_NAMES.index("kl_sum")],
+        "tokens": tokens,
     }
 
 
@@ -645,5 +649,5 @@ def policy_loss(
         logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, float(clip_low), float(clip_high),
         None if dual_clip is None else float(dual_clip), float(kl_coef), kl_estimator,
     )
-    metrics = metrics_from_stats(dict(zip(STAT_NAMES, stats_vec.detach().unbind(0))))
+    metrics = metrics_from_stats(stats_vec)
     return loss, metrics
