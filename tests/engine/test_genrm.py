@@ -237,3 +237,23 @@ def test_config_validation():
     with pytest.raises(ValueError, match="tie_policy"):
         GenRMConfig(tie_policy="coin")
     assert GenRMConfig(mode="pointwise").template_name == "pointwise"
+
+
+def test_judge_metrics_by_hand():
+    from wz_engine.judge import Verdict
+
+    V = lambda a, b: Verdict(a, b, True)  # noqa: E731
+    bad = Verdict(None, None, False, "garbage")
+    records = [
+        JudgementRecord(V(7, 3), 0, False), JudgementRecord(V(3, 7), 0, True),  # agree (first item wins)
+        JudgementRecord(V(5, 5), 1, False), JudgementRecord(V(5, 5), 1, True),  # agree (tie)
+        JudgementRecord(V(6, 2), 2, False), JudgementRecord(V(9, 1), 2, True),  # disagree (A always wins)
+        JudgementRecord(V(4, 1), 3, False), JudgementRecord(bad, 3, True),      # one order invalid: not counted
+    ]
+    m = judge_metrics(records, prefix="")
+    assert m["n"] == 8 and m["invalid_rate"] == 1 / 8
+    assert m["a_win_rate"] == 4 / 7 and m["b_win_rate"] == 1 / 7 and m["tie_rate"] == 2 / 7
+    assert m["position_bias"] == 4 / 5 and m["order_agreement"] == 2 / 3
+    assert m["mean_score_a"] == (7 + 3 + 5 + 5 + 6 + 9 + 4) / 7 and m["mean_score_b"] == (3 + 7 + 5 + 5 + 2 + 1 + 1) / 7
+    assert judge_metrics([], prefix="") == {"n": 0.0}
+    assert judge_metrics([bad]) == {"judge/n": 1.0, "judge/invalid_rate": 1.0}

@@ -46,7 +46,7 @@ EXPECTED = {
     "pair_accuracy": 1 / 5, "accuracy_valid": 4 / 8,
     "mean_score_chosen": (11 + 8 + 8 + 5 + 6 + 3 + 4 + 1) / 8, "mean_score_rejected": (2 + 5 + 4 + 7 + 3 + 6 + 6 + 9) / 8,
     "invalid_rate": 2 / 10, "a_win_rate": 6 / 8, "b_win_rate": 2 / 8, "tie_rate": 0.0,
-    "position_bias": (6 - 2) / 8, "order_agreement": 2 / 4,
+    "position_bias": 6 / (6 + 2), "order_agreement": 2 / 4,
     "mean_score_a": (11 + 5 + 8 + 7 + 6 + 6 + 4 + 9) / 8, "mean_score_b": (2 + 8 + 4 + 5 + 3 + 3 + 6 + 1) / 8,
 }
 
@@ -121,7 +121,7 @@ def test_cli_json_and_table(pairs_file, tmp_path, capsys):
     assert main(["--data", str(pairs_file), "--judge", JUDGE_PATH, "--output", str(out)]) == 0
     _check(json.loads(out.read_text()))
     table = capsys.readouterr().out
-    assert re.search(r"position_bias\s+0\.5000", table) and re.search(r"pairs\s+5\n", table)
+    assert re.search(r"position_bias\s+0\.7500", table) and re.search(r"pairs\s+5\n", table)
     assert main(["--data", str(pairs_file), "--judge", JUDGE_PATH, "--json", "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == 2
 
@@ -157,7 +157,7 @@ def test_python_dash_m(pairs_file):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["position_bias"] == pytest.approx(0.5)
+    assert json.loads(proc.stdout)["position_bias"] == pytest.approx(0.75)
 
 
 def test_genrm_on_a_model_directory(pairs_file, tmp_path, capsys):

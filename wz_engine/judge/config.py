@@ -43,11 +43,12 @@ class GenRMConfig:
     """Final-line grammar the template asks for: "scores" -> `Scores: A=7, B=4` (pointwise
     `Score: 7`); "boxed" -> `\\boxed{7, 4}` (pointwise `\\boxed{7}`)."""
     votes: int = 1
-    """Independent judge samples per (pair, order). Used by `GenRM.compare`, the eval CLI and the
-    BRPO reward assembly; `GenRM.judge` always returns exactly one verdict per request."""
+    """Independent judge samples per (pair, order), used by `GenRM.compare` (the eval CLI takes
+    `--votes`). `GenRM.judge` always returns exactly one verdict per request: the trainer's BRPO
+    assembly issues its own repeats (`algorithm.votes`), which the GenRM samples through `n`."""
     both_orders: bool = True
-    """Judge every pair as (A, B) and as (B, A) to cancel position bias (ignored in pointwise mode,
-    where there is no order)."""
+    """`GenRM.compare` judges every pair as (A, B) and as (B, A) to cancel position bias (ignored in
+    pointwise mode, where there is no order). BRPO always judges both orders."""
     temperature: float = 0.7
     """Judge sampling temperature; 0 is greedy (then votes > 1 repeat the same answer)."""
     top_p: float = 1.0

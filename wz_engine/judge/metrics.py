@@ -4,8 +4,10 @@ Definitions (over the judgements given; "valid" = parsed, scores in range):
 - invalid_rate: invalid / all.
 - a_win_rate, b_win_rate, tie_rate: how often the response shown FIRST (A) / second (B) wins, or
   the scores tie, among valid judgements.
-- position_bias: (A wins - B wins) / valid, in [-1, 1]. 0 = no preference for a position; with
-  both orders judged on the same pairs a perfect judge scores exactly 0.
+- position_bias: the share of decisive (valid, not tied) judgements won by the response shown
+  first, in [0, 1]; 0.5 = no preference for a position (DESIGN.md: "how often A wins"; the same
+  definition as `wz_engine.rewards.brpo`). With both orders judged on the same pairs, a judge
+  that only looks at content scores exactly 0.5.
 - order_agreement: among pairs judged in both orders with at least one valid judgement in each,
   the fraction whose valid judgements all name the same winner in content terms (or all tie).
   Needs `pair_id` and `swapped` on the records; absent when no pair qualifies.
@@ -49,7 +51,8 @@ def judge_metrics(
         out["a_win_rate"] = a / len(valid)
         out["b_win_rate"] = b / len(valid)
         out["tie_rate"] = t / len(valid)
-        out["position_bias"] = (a - b) / len(valid)
+        if a + b:
+            out["position_bias"] = a / (a + b)
         out["mean_score_a"] = sum(r.verdict.score_a for r in valid) / len(valid)
         out["mean_score_b"] = sum(r.verdict.score_b for r in valid) / len(valid)
     agreement = order_agreement(recs)
