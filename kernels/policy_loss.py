@@ -295,8 +295,8 @@ def _stats_from_terms(total, terms, m, weights):
             "clipped_low": (m * terms["clipped_low"]).sum(),
             "clipped_high": (m * terms["clipped_high"]).sum(),
             "clipped_dual": (m * terms["clipped_dual"]).sum(),
-            "ratio_sum": torch.where(m != 0, m * terms["ratio"], 0).sum(),
-            "kl_sum": torch.where(m != 0, m * terms["kl"].detach(), 0).sum(),
+            "ratio_sum": (m * terms["ratio"]).sum(),  # masked inputs were zeroed: ratio 1, kl 0 there
+            "kl_sum": (m * terms["kl"].detach()).sum(),
             "loss_unweighted_sum": (m * total.detach()).sum(),
             "loss": (weights * total.detach()).sum(),
         }
