@@ -77,6 +77,44 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # Every kernel walks its key (or query) blocks in two kinds of step: MASKED steps check sequence
+    # ends and the causal diagonal, unmasked steps (blocks wholly inside the sequence and wholly
+    # below the diagonal: most of them) skip those checks. Each helper below is one such walk.
+
+    @triton.jit
+    def _fwd_steps(
+        acc, l_i, m_i, q, K, V, start, length, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
+        offs_m, offs_n, offs_d, d_valid, qk_scale_log2, lo, hi,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_kn = n0 + offs_n
+            kv_mask = d_valid[None, :]
+            if MASKED:
+                kv_mask = kv_mask & (offs_kn < length)[:, None]
+            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+            if MASKED:
+                keep = (offs_kn < length)[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_kn[None, :])
+                s = tl.where(keep, s, float("-inf"))
+            # Every valid row sees at least one key in its first step, so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
     @triton.jit
     def _varlen_attention_fwd_kernel(
         Q, K, V, O, LSE, CU_SEQLENS,
@@ -92,8 +130,9 @@ if triton_available():
         kv_head = head // GROUP
         start = tl.load(CU_SEQLENS + seq)
         length = tl.load(CU_SEQLENS + seq + 1) - start
+        block_start = pid_m * BLOCK_M
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = block_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < length
@@ -108,34 +147,21 @@ if triton_available():
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Query blocks past the end of this sequence do no work; causal blocks stop at the diagonal.
+        # Keys [0, hi) matter: causal blocks stop at the diagonal; blocks past the sequence do nothing.
+        # Keys [0, full) are valid and (causal) strictly before every query of the block: no masks.
         hi = length
+        full = (length // BLOCK_N) * BLOCK_N
         if CAUSAL:
-            hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
-        hi = tl.where(pid_m * BLOCK_M < length, hi, 0)
-        for n0 in range(0, hi, BLOCK_N):
-            offs_kn = n0 + offs_n
-            n_valid = offs_kn < length
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
-            keep = n_valid[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_kn[None, :])
-            s = tl.where(keep, s, float("-inf"))
-            # Key 0 is in the first block and visible to every row, so m_new is finite from then on.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            hi = tl.minimum(length, block_start + BLOCK_M)
+            full = tl.minimum(full, (block_start // BLOCK_N) * BLOCK_N)
+        hi = tl.where(block_start < length, hi, 0)
+        full = tl.minimum(full, hi)
+        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, K, V, start, length, kv_head, stride_kn, stride_kh,
+                                   stride_vn, stride_vh, offs_m, offs_n, offs_d, d_valid, qk_scale_log2,
+                                   0, full, False, CAUSAL, UPCAST, PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, K, V, start, length, kv_head, stride_kn, stride_kh,
+                                   stride_vn, stride_vh, offs_m, offs_n, offs_d, d_valid, qk_scale_log2,
+                                   full, hi, True, CAUSAL, UPCAST, PRECISION, BLOCK_N)
 
         l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence end: never stored, keep them finite
         acc = acc / l_i[:, None]
@@ -161,6 +187,42 @@ if triton_available():
         tl.store(DELTA + head * stride_delta_h + offs_m, delta, mask=offs_m < N)
 
     @triton.jit
+    def _dkdv_steps(
+        dk, dv, k, v, Q, DO, LSE, DELTA, head, start, length, stride_qn, stride_qh, stride_don, stride_doh,
+        stride_lse_h, offs_n, offs_m, offs_d, d_valid, qk_scale_log2, lo, hi,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_qm = m0 + offs_m
+            q_mask = d_valid[None, :]
+            row_mask = offs_qm >= 0
+            if MASKED:
+                row_mask = offs_qm < length
+                q_mask = q_mask & row_mask[:, None]
+            q = tl.load(Q + (start + offs_qm)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                        mask=q_mask, other=0.0)
+            do = tl.load(DO + (start + offs_qm)[:, None] * stride_don + head * stride_doh + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + head * stride_lse_h + start + offs_qm, mask=row_mask, other=0.0)
+            delta = tl.load(DELTA + head * stride_lse_h + start + offs_qm, mask=row_mask, other=0.0)
+            # Transposed scores: rows are keys, columns queries.
+            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2 - lse[None, :])
+            if MASKED:
+                keep = (offs_n < length)[:, None] & row_mask[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_qm[None, :] >= offs_n[:, None])
+                p_t = tl.where(keep, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
     def _varlen_attention_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
         qk_scale_log2, softmax_scale,
@@ -175,13 +237,13 @@ if triton_available():
         kv_head = tl.program_id(2)
         start = tl.load(CU_SEQLENS + seq)
         length = tl.load(CU_SEQLENS + seq + 1) - start
+        block_start = pid_n * BLOCK_N
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = block_start + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        n_valid = offs_n < length
         d_valid = offs_d < HEAD_DIM
-        kv_mask = n_valid[:, None] & d_valid[None, :]
+        kv_mask = (offs_n < length)[:, None] & d_valid[None, :]
         k = tl.load(K + (start + offs_n)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(V + (start + offs_n)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
@@ -192,42 +254,64 @@ if triton_available():
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-        # Causal: only queries at or after this key block see it.
+        # Query blocks [lo, hi) see this key block (causal: only those at or after it). Of these,
+        # [u_lo, u_hi) are wholly valid and wholly after the block's last key: no masks there.
+        hi = tl.where(block_start < length, length, 0)
         lo = 0
+        u_lo = 0
         if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        hi = tl.where(pid_n * BLOCK_N < length, length, 0)
+            lo = (block_start // BLOCK_M) * BLOCK_M
+            u_lo = tl.cdiv(block_start + BLOCK_N, BLOCK_M) * BLOCK_M
+        u_lo = tl.minimum(u_lo, hi)
+        u_hi = tl.minimum(tl.maximum(u_lo, (length // BLOCK_M) * BLOCK_M), hi)
+        u_hi = tl.where(block_start + BLOCK_N <= length, u_hi, u_lo)  # a ragged key block: all masked
         for g in range(GROUP):
             head = kv_head * GROUP + g
-            for m0 in range(lo, hi, BLOCK_M):
-                offs_qm = m0 + offs_m
-                m_valid = offs_qm < length
-                q_mask = m_valid[:, None] & d_valid[None, :]
-                q = tl.load(Q + (start + offs_qm)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                            mask=q_mask, other=0.0)
-                do = tl.load(DO + (start + offs_qm)[:, None] * stride_don + head * stride_doh
-                             + offs_d[None, :], mask=q_mask, other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = tl.load(LSE + head * stride_lse_h + start + offs_qm, mask=m_valid, other=0.0)
-                delta = tl.load(DELTA + head * stride_lse_h + start + offs_qm, mask=m_valid, other=0.0)
-                # Transposed scores: rows are keys, columns queries.
-                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
-                keep = n_valid[:, None] & m_valid[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_qm[None, :] >= offs_n[:, None])
-                p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, length, stride_qn, stride_qh,
+                                 stride_don, stride_doh, stride_lse_h, offs_n, offs_m, offs_d, d_valid,
+                                 qk_scale_log2, lo, u_lo, True, CAUSAL, UPCAST, PRECISION, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, length, stride_qn, stride_qh,
+                                 stride_don, stride_doh, stride_lse_h, offs_n, offs_m, offs_d, d_valid,
+                                 qk_scale_log2, u_lo, u_hi, False, CAUSAL, UPCAST, PRECISION, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, length, stride_qn, stride_qh,
+                                 stride_don, stride_doh, stride_lse_h, offs_n, offs_m, offs_d, d_valid,
+                                 qk_scale_log2, u_hi, hi, True, CAUSAL, UPCAST, PRECISION, BLOCK_M)
 
         dk = dk * softmax_scale
         tl.store(DK + (start + offs_n)[:, None] * stride_dkn + kv_head * stride_dkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + (start + offs_n)[:, None] * stride_dvn + kv_head * stride_dvh + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _dq_steps(
+        dq, q, do, lse, delta, K, V, start, length, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
+        offs_m, offs_n, offs_d, d_valid, qk_scale_log2, lo, hi,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_kn = n0 + offs_n
+            kv_mask = d_valid[None, :]
+            if MASKED:
+                kv_mask = kv_mask & (offs_kn < length)[:, None]
+            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 - lse[:, None])
+            if MASKED:
+                keep = (offs_m < length)[:, None] & (offs_kn < length)[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_kn[None, :])
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        return dq
 
     @triton.jit
     def _varlen_attention_bwd_dq_kernel(
@@ -245,8 +329,9 @@ if triton_available():
         kv_head = head // GROUP
         start = tl.load(CU_SEQLENS + seq)
         length = tl.load(CU_SEQLENS + seq + 1) - start
+        block_start = pid_m * BLOCK_M
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = block_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < length
@@ -263,29 +348,21 @@ if triton_available():
         delta = tl.load(DELTA + head * stride_lse_h + start + offs_m, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+        # The same split as the forward: keys [0, full) unmasked, [full, hi) masked. Rows past the
+        # sequence end read lse = 0 and get garbage p in unmasked steps, but they are never stored.
         hi = length
+        full = (length // BLOCK_N) * BLOCK_N
         if CAUSAL:
-            hi = tl.minimum(length, (pid_m + 1) * BLOCK_M)
-        hi = tl.where(pid_m * BLOCK_M < length, hi, 0)
-        for n0 in range(0, hi, BLOCK_N):
-            offs_kn = n0 + offs_n
-            n_valid = offs_kn < length
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-            keep = m_valid[:, None] & n_valid[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_kn[None, :])
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            hi = tl.minimum(length, block_start + BLOCK_M)
+            full = tl.minimum(full, (block_start // BLOCK_N) * BLOCK_N)
+        hi = tl.where(block_start < length, hi, 0)
+        full = tl.minimum(full, hi)
+        dq = _dq_steps(dq, q, do, lse, delta, K, V, start, length, kv_head, stride_kn, stride_kh, stride_vn,
+                       stride_vh, offs_m, offs_n, offs_d, d_valid, qk_scale_log2, 0, full,
+                       False, CAUSAL, UPCAST, PRECISION, BLOCK_N)
+        dq = _dq_steps(dq, q, do, lse, delta, K, V, start, length, kv_head, stride_kn, stride_kh, stride_vn,
+                       stride_vh, offs_m, offs_n, offs_d, d_valid, qk_scale_log2, full, hi,
+                       True, CAUSAL, UPCAST, PRECISION, BLOCK_N)
 
         dq = dq * softmax_scale
         tl.store(DQ + (start + offs_m)[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :],
