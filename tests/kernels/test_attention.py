@@ -73,6 +73,22 @@ def test_triton_low_precision_within_twice_torch_error(dtype, poisoned_alloc):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
+def test_unequal_query_and_key_blocks(block_m, block_n, monkeypatch):
+    """The GPU configs use BLOCK_M != BLOCK_N; the interpreter's default is 16 x 16, so check both ways."""
+    cfg = attn_mod._LaunchConfig(block_m, block_n, 1, 1)
+    monkeypatch.setattr(attn_mod, "_fwd_config", lambda head_dim: cfg)
+    monkeypatch.setattr(attn_mod, "_bwd_config", lambda head_dim: cfg)
+    lengths = [40, 3, 17]
+    for causal in (True, False):
+        q, k, v, do, cu = _inputs(lengths, 2, 1, 16, torch.float32, seed=6)
+        got = _fwd_bwd(q, k, v, do, cu, 40, causal, "triton")
+        ref = _fwd_bwd(q, k, v, do, cu, 40, causal, "reference64")
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            assert_close_to_reference(a, b, atol=2e-5, rtol=1e-4, name=f"{name} causal={causal}")
+
+
+@pytest.mark.interpreter
 def test_non_power_of_two_head_dim_and_custom_scale():
     q, k, v, do, cu = _inputs([6, 13], 2, 1, 48, torch.float32, seed=2)
     got = _fwd_bwd(q, k, v, do, cu, 16, True, "triton", softmax_scale=0.3)  # max_seqlen may exceed the max
