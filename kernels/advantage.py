@@ -20,10 +20,15 @@ Groups of one (no baseline can be estimated from the group itself):
         would make RLOO's estimate biased; such a row contributes no gradient.
     GiGPO: the episode part follows grpo's convention; singleton anchor groups give A_step = 0.
 
-Numerics: statistics are accumulated in float32 on values shifted by one member of their group
-(the first row of the group in the reference, the row that claimed the hash slot in the kernel).
-The shift keeps the sums small, so rewards with a large common offset (1e4 + noise) lose no
-precision and an all-equal group gives exactly r - mean = 0 (so A = 0, never noise / eps).
+Numerics: statistics are computed in float32 (the references: float64 with upcast=True) on values
+shifted by one member of their group (the first row of the group in the reference, the row that
+claimed the hash slot in the kernel). The shift keeps the sums small, so rewards with a large
+common offset (1e4 + noise) lose no precision and an all-equal group gives exactly r - mean = 0
+(so A = 0, never rounding noise / eps). Outputs are float32 whatever the input float dtype.
+
+The references (`*_reference`, vectorised torch: torch.unique + index_add_, no loop over groups)
+are the specification and the CPU path. Every estimator there is a per-group affine map
+A = (r - baseline_g) * scale_g, which keeps the per-row work to a few gathers.
 
 Triton path (CUDA, or the interpreter on CPU): ONE launch of a single program that loops over the
 batch in blocks. A single program can barrier with itself (it is one CTA), which is what makes one
@@ -37,7 +42,8 @@ launch possible without a grid-wide barrier:
              passes of reinforce_pp_baseline's whitening).
 No host synchronisation and no data-dependent output shapes: the only host-side work is allocating
 scratch of a size known from B. The data is tiny (B ~ 16k rows), so one CTA streaming it is cheaper
-than the sort + sync that `torch.unique` needs. Counts are float32: exact for B < 2**24.
+than the sort + sync that `torch.unique` needs. Counts are float32, so the Triton path takes
+B < 2**24 rows (a larger batch is a ValueError). GPU timings: see bench/RESULTS.md.
 
 Validation (`validate=True`, the default) checks that rewards are finite and BRPO rewards lie in
 {-1, 0, +1}; on CUDA tensors those two checks cost one device-to-host sync, so a trainer that
@@ -521,6 +527,17 @@ def _check_rows(op: str, name: str, values, *, like: torch.Tensor | None, floati
                  device=None if like is None else like.device)
 
 
+_MAX_TRITON_ROWS = 2**24  # float32 counts stay exact below this
+
+
+def _resolve(op: str, impl: str, first: torch.Tensor) -> str:
+    backend = resolve_impl(impl, first.device, op=op)
+    if backend == "triton" and first.numel() >= _MAX_TRITON_ROWS:
+        raise ValueError(f"{op}: the Triton path takes fewer than 2**24 rows, got {first.numel()}; "
+                         "use impl='reference'")
+    return backend
+
+
 def _check_finite(op: str, name: str, values: torch.Tensor) -> None:
     """check_finite with a cheap first pass: a float64 sum is finite iff every element is (a float32
     batch cannot overflow it); only a non-finite sum pays for the element-wise check and message."""
@@ -560,7 +577,7 @@ def group_advantages(
     _check_scalar(op, "eps", eps, minimum=0.0)
     if validate:
         _check_finite(op, "rewards", rewards)
-    if resolve_impl(impl, rewards.device, op=op) == "reference":
+    if _resolve(op, impl, rewards) == "reference":
         return group_advantages_reference(rewards, group_ids, estimator, eps=eps)
     return torch.ops.wz.group_advantages_fwd(rewards, group_ids, estimator, float(eps))
 
@@ -596,7 +613,7 @@ def brpo_advantages(
         if not bool(allowed.all()):
             bad = pairwise_rewards[~allowed][:4].tolist()
             raise ValueError(f"{op}: pairwise_rewards must hold only -1, 0 or +1; found {bad}")
-    if resolve_impl(impl, pairwise_rewards.device, op=op) == "reference":
+    if _resolve(op, impl, pairwise_rewards) == "reference":
         adv, kept = brpo_advantages_reference(pairwise_rewards, group_ids, skew_threshold=skew_threshold)
         return adv, kept
     return torch.ops.wz.brpo_advantages_fwd(pairwise_rewards, group_ids, float(skew_threshold))
@@ -635,7 +652,7 @@ def gigpo_advantages(
     if validate:
         _check_finite(op, "episode_returns", episode_returns)
         _check_finite(op, "step_returns", step_returns)
-    if resolve_impl(impl, episode_returns.device, op=op) == "reference":
+    if _resolve(op, impl, episode_returns) == "reference":
         return gigpo_advantages_reference(episode_returns, group_ids, step_returns, anchor_ids,
                                           step_weight=step_weight, mode=mode, eps=eps).float()
     return torch.ops.wz.gigpo_advantages_fwd(episode_returns, group_ids, step_returns, anchor_ids,

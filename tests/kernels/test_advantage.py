@@ -401,3 +401,10 @@ def test_triton_on_cuda_matches_reference(num_rows, num_groups):
         out = gigpo_advantages(rewards.cuda(), ids.cuda(), rewards.sin().cuda(), anchors.cuda(), mode=mode,
                                validate=False)
         assert_close_to_reference(out.cpu(), expected, atol=1e-4, rtol=1e-4, name=mode)
+
+
+def test_triton_row_limit(monkeypatch):
+    monkeypatch.setattr(adv, "_MAX_TRITON_ROWS", 3)
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        group_advantages(R3, I3, impl="triton")
+    assert group_advantages(R3, I3, impl="reference").shape == (3,)
