@@ -31,7 +31,6 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
-
 from wz_kernels.attention import IMPLS, varlen_attention
 
 WZ_VARLEN = "wz_varlen"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tests.helpers import assert_close_to_reference
 from wz_kernels import attention as attn_mod
 from wz_kernels.attention import varlen_attention, varlen_attention_reference
+
+from tests.helpers import assert_close_to_reference
 
 
 def _cu(lengths):
