@@ -111,7 +111,7 @@ def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
     if not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     V = weight.shape[0]
-    if N:
+    if N and not torch.compiler.is_compiling():  # data-dependent check: a graph break under compile
         bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -327,6 +327,21 @@ def _(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, 
     return None
 
 
+def _tile_fwd(logits, targets, inv_temp, ignore_index, with_entropy, triton, scratch):
+    # Eager calls skip the custom-op dispatcher (its first call imports torch._dynamo: seconds).
+    if torch.compiler.is_compiling():
+        return _logprob_tile_fwd_op(logits, targets, inv_temp, ignore_index, with_entropy, triton, scratch)
+    fn = _tile_fwd_triton if triton else _tile_fwd_reference
+    return fn(logits, targets, inv_temp, ignore_index, with_entropy, scratch)
+
+
+def _tile_bwd(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, triton):
+    if torch.compiler.is_compiling():
+        return _logprob_tile_bwd_op(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, triton)
+    fn = _tile_bwd_triton if triton else _tile_bwd_reference
+    fn(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index)
+
+
 # ============================================================================ the chunk loop
 
 
@@ -413,7 +428,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         inv_t = 1.0 / temperature
         for s, e in chunks.ranges():
             _, logits = chunks.logits(s, e)
-            lp, en, ls = _logprob_tile_fwd_op(
+            lp, en, ls = _tile_fwd(
                 logits, targets[s:e], inv_t, ignore_index, with_entropy, use_triton, True
             )
             logp[s:e], entropy[s:e], lse[s:e] = lp, en, ls
@@ -441,7 +456,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         def dlogits_of(s, e):
             h_c, logits = chunks.logits(s, e)  # recompute the tile
             g_en = None if g_entropy is None else g_entropy[s:e]
-            _logprob_tile_bwd_op(
+            _tile_bwd(
                 logits, targets[s:e], lse[s:e], entropy[s:e], g_logp[s:e], g_en, inv_t, ignore_index, use_triton
             )
             return h_c, logits
@@ -551,7 +566,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         def chunk_terms(s, e, *, keep_tile):
             h_c, logits = chunks.logits(s, e)
             t_c = targets[s:e]
-            lp, _, lse = _logprob_tile_fwd_op(logits, t_c, inv_t, ignore_index, False, use_triton, not keep_tile)
+            lp, _, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, False, use_triton, not keep_tile)
             ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
             _, g_c, stats = token_loss_terms(
                 lp, old_logprobs[s:e], advantages[s:e], mask[s:e], weights[s:e], ref_logprobs=ref_c,
@@ -563,7 +578,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         if need_h or need_w or need_b:
             def dlogits_of(s, e):
                 h_c, logits, t_c, lse, g_c = chunk_terms(s, e, keep_tile=True)
-                _logprob_tile_bwd_op(logits, t_c, lse, None, g_c, None, inv_t, ignore_index, use_triton)
+                _tile_bwd(logits, t_c, lse, None, g_c, None, inv_t, ignore_index, use_triton)
                 return h_c, logits
 
             grads = _backward_sweep(

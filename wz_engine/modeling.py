@@ -1,0 +1,132 @@
+"""Run a transformers causal LM on a packed batch without ever calling its lm_head.
+
+`FusedHeadCausalLM(model)` wraps a `*ForCausalLM`. Its forward runs the backbone
+(`model.get_decoder()`) on one packed row of tokens to hidden states [N, H], then applies
+`wz_kernels.fused_linear_logprobs` or `wz_kernels.fused_linear_policy_loss` with the model's own
+output-embedding weight (`model.get_output_embeddings().weight`, the input embedding when the
+embeddings are tied), so the [N, V] logits never exist.
+
+FSDP2: the trainer shards the decoder layers with `fully_shard`, then this wrapper as the root. The
+root-owned parameters (embeddings, final norm, lm_head) are then unsharded by the root's pre-forward
+hook for the whole of `forward`, which is where the fused op reads the lm_head weight, and their
+gradients are reduce-scattered after backward as usual. Everything that touches the weight therefore
+happens inside `forward`: do not call the fused ops on `lm_head_weight()` from outside.
+
+Packed batch layout (what the packing step produces): `input_ids` and `position_ids` are [1, N]
+(several sequences back to back, position ids restarting at 0 for each); `targets` [N] holds the
+next token of each position, `ignore_index` where there is none (`next_token_targets`). Extra keyword
+arguments (e.g. a packed varlen attention's cu_seqlens) go to the backbone unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import wz_kernels
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """targets [N]: input_ids[i + 1] where token i + 1 continues token i's sequence, else ignore_index.
+
+    input_ids, position_ids: [N] or [1, N] packed; a sequence starts where position_ids == 0.
+    """
+    ids, pos = input_ids.reshape(-1), position_ids.reshape(-1)
+    if ids.shape != pos.shape:
+        raise ValueError(f"next_token_targets: input_ids {tuple(ids.shape)} and position_ids {tuple(pos.shape)} differ")
+    targets = torch.full_like(ids, ignore_index)
+    continues = pos[1:] != 0
+    targets[:-1] = torch.where(continues, ids[1:], torch.full_like(ids[1:], ignore_index))
+    return targets
+
+
+@dataclass
+class PolicyLossBatch:
+    """Per-token inputs of the policy loss for one packed micro-batch (all [N], aligned with targets)."""
+
+    old_logprobs: torch.Tensor
+    """[N] float: log-probabilities under the behaviour (sampling) policy."""
+    advantages: torch.Tensor
+    """[N] float: per-token advantages (sequence advantages broadcast to their tokens)."""
+    mask: torch.Tensor
+    """[N] bool/int/float: tokens that train (completion tokens with a target)."""
+    ref_logprobs: torch.Tensor | None = None
+    """[N] float: reference-policy log-probabilities, for the KL term."""
+    seq_ids: torch.Tensor | None = None
+    """[N] int: sequence id of each token (required by the seq-* aggregation modes)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Loss options passed to `fused_linear_policy_loss`: clip_low, clip_high, dual_clip, kl_coef,
+    kl_estimator, agg, loss_scale, global_tokens, global_seqs."""
+
+
+class FusedHeadCausalLM(nn.Module):
+    """A causal LM whose forward returns log-probabilities (+ entropy) or the policy loss, not logits."""
+
+    def __init__(self, model: nn.Module, *, impl: str = "auto", chunk_size: int | None = None):
+        super().__init__()
+        if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+            raise ValueError("FusedHeadCausalLM: model must be a transformers *ForCausalLM "
+                             f"(get_decoder / get_output_embeddings), got {type(model).__name__}")
+        if model.get_output_embeddings() is None:
+            raise ValueError(f"FusedHeadCausalLM: {type(model).__name__} has no output embedding (lm_head)")
+        self.model = model  # state-dict keys stay those of the model under "model."
+        self.impl = impl
+        self.chunk_size = chunk_size
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def lm_head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [V, H], bias [V] | None) of the output embedding (the input embedding when tied)."""
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **backbone_kwargs) -> torch.Tensor:
+        """input_ids, position_ids [1, N] -> final hidden states [N, H] (after the final norm)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"FusedHeadCausalLM: input_ids must be one packed row [1, N], got {tuple(input_ids.shape)}")
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"FusedHeadCausalLM: position_ids {tuple(position_ids.shape)} must match "
+                             f"input_ids {tuple(input_ids.shape)}")
+        backbone_kwargs.setdefault("use_cache", False)  # a cache would break packed-sequence isolation
+        out = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, **backbone_kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[0]  # [N, H]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [1, N]
+        position_ids: torch.Tensor,  # [1, N]
+        targets: torch.Tensor,  # [N]
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        policy_loss: PolicyLossBatch | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        **backbone_kwargs,
+    ):
+        """Without `policy_loss`: logprobs [N] f32 (and entropy [N] f32 with `return_entropy`).
+
+        With `policy_loss`: (loss 0-d f32, metrics dict) of `fused_linear_policy_loss` on these tokens.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, **backbone_kwargs)
+        weight, bias = self.lm_head_weight()
+        hidden = hidden.to(weight.dtype)  # a backbone under autocast may hand back another dtype
+        common = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, impl=self.impl,
+                      chunk_size=self.chunk_size)
+        if policy_loss is None:
+            return wz_kernels.fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy, **common)
+        if return_entropy:
+            raise ValueError("FusedHeadCausalLM: return_entropy is not available with policy_loss")
+        b = policy_loss
+        return wz_kernels.fused_linear_policy_loss(
+            hidden, weight, targets, b.old_logprobs, b.advantages, b.mask, ref_logprobs=b.ref_logprobs,
+            seq_ids=b.seq_ids, **common, **b.options,
+        )
