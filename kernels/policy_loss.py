@@ -37,6 +37,7 @@ Layers (see DESIGN.md "one op = one module"):
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -531,8 +532,12 @@ def _launch_config(n: int, device: torch.device) -> tuple[int, int, int]:
         return block, min(n_tiles, 4), 4
     block = 2048
     n_tiles = triton.cdiv(max(n, 1), block)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return block, min(n_tiles, 4 * sms), 8
+    return block, min(n_tiles, 4 * _sm_count(device.index)), 8
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
@@ -553,7 +558,8 @@ def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights,
     _policy_loss_fwd_bwd_kernel[(nprog,)](
         *contiguous[:3], ref, contiguous[3], contiguous[4], grad, partials, n, triton.cdiv(n, block),
         clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, kl_coef,
-        HAS_DUAL=dual_clip is not None, W_IS_SCALE=weights.dim() == 0, KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
+        HAS_DUAL=dual_clip is not None, W_IS_SCALE=weights.dim() == 0,
+        KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
         NUM_STATS=_NUM_STATS, BLOCK=block, num_warps=num_warps,
     )
     stats = partials.sum(0)
