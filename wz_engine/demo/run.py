@@ -43,10 +43,10 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
             result = pairwise_win_rate(HFSampler(trainer.policy.lm, trainer.tokenizer),
                                        HFSampler(initial_lm, trainer.tokenizer), judge,
                                        trainer.holdout_prompts, params)
-        png = plot_run(cfg.train.output_dir)
+        png = plot_run(cfg.train.output_dir) if trainer.step_idx else None
         summary = {"win_rate": result.win_rate, "wins": result.wins, "ties": result.ties, "losses": result.losses,
                    "invalid": result.invalid, "comparisons": result.comparisons, "train_seconds": train_s,
-                   "steps": trainer.step_idx, "curves": str(png)}
+                   "steps": trainer.step_idx, "curves": str(png) if png else None}
         Path(cfg.train.output_dir, "demo_eval.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
