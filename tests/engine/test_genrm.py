@@ -257,3 +257,10 @@ def test_judge_metrics_by_hand():
     assert m["mean_score_a"] == (7 + 3 + 5 + 5 + 6 + 9 + 4) / 7 and m["mean_score_b"] == (3 + 7 + 5 + 5 + 2 + 1 + 1) / 7
     assert judge_metrics([], prefix="") == {"n": 0.0}
     assert judge_metrics([bad]) == {"judge/n": 1.0, "judge/invalid_rate": 1.0}
+
+
+def test_greedy_duplicates_are_sampled_once(tokenizer):
+    genrm, sampler = make(tokenizer, content_judge, temperature=0.0, votes=3)
+    [res] = genrm.compare([Comparison("q", GOOD, BAD)])
+    assert res.outcome == "x" and len(res.judgements) == 6
+    assert [(k, p.n, p.temperature) for k, p in sampler.calls] == [(2, 1, 0.0)]

@@ -64,8 +64,10 @@ def _check(metrics):
     assert metrics["comparisons_per_s"] > 0 and metrics["time_s"] >= 0
 
 
-def test_formats_normalize():
-    pairs = load_pairs_from(ROWS)
+def test_formats_normalize(pairs_file):
+    pairs = load_pairs(pairs_file)
+    assert pairs == load_pairs_from(ROWS) and len(load_pairs(pairs_file, limit=3)) == 3
+    assert pairs[0] == PreferencePair("p1", "q=8", "q=2")
     assert pairs[1] == PreferencePair("p2", "q=5", "q=4")
     assert pairs[2] == PreferencePair("p3", "q=3", "q=3 too")
     assert pairs[3] == PreferencePair("broken", "q=9", "q=1")

@@ -238,7 +238,8 @@ class GenRM:
 
     def _sample(self, texts: list[str], stats: JudgeCallStats) -> list[str | None]:
         """One completion text per entry (None: prompt too long). Duplicated prompts get independent
-        samples through `n`; one generate call per distinct duplicate count (and batch_size chunk)."""
+        samples through `n` (greedy: one sample, shared); one generate call per distinct duplicate
+        count (and batch_size chunk)."""
         out: list[str | None] = [None] * len(texts)
         positions: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
@@ -249,7 +250,9 @@ class GenRM:
             if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
                 stats.skipped_too_long += len(where)
                 continue
-            by_count.setdefault(len(where), []).append((ids, where))
+            # greedy decoding repeats itself: sample a duplicated prompt once and share the answer
+            count = 1 if self.config.temperature == 0 else len(where)
+            by_count.setdefault(count, []).append((ids, where))
         chunk = self.config.batch_size or max(1, len(texts))
         for n, items in sorted(by_count.items()):
             for start in range(0, len(items), chunk):
@@ -258,6 +261,6 @@ class GenRM:
                 stats.generate_calls += 1
                 stats.prompts += len(part)
                 for (_, where), group in zip(part, groups):
-                    for i, completion in zip(where, group):
-                        out[i] = completion.text
+                    for k, i in enumerate(where):
+                        out[i] = group[k % len(group)].text
         return out

@@ -93,6 +93,10 @@ def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: s
     """
     if not hasattr(model, "load_adapter"):
         raise ValueError("model: LoRA judging needs a transformers PreTrainedModel (peft integration)")
+    if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters()):
+        # peft would wrap sharded linears with unsharded adapters; not supported on the hf backend
+        raise ValueError('model: weight_sharing="lora" on the hf backend needs an unsharded (world size 1) '
+                         'module; with FSDP2 use a separate "checkpoint" judge or the vllm sampler')
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     before = {id(p) for p in model.parameters()}
     model.load_adapter(adapter_path, adapter_name=adapter_name)
