@@ -20,11 +20,12 @@ Groups of one (no baseline can be estimated from the group itself):
         would make RLOO's estimate biased; such a row contributes no gradient.
     GiGPO: the episode part follows grpo's convention; singleton anchor groups give A_step = 0.
 
-Numerics: statistics are computed in float32 (the references: float64 with upcast=True) on values
-shifted by one member of their group (the first row of the group in the reference, the row that
-claimed the hash slot in the kernel). The shift keeps the sums small, so rewards with a large
-common offset (1e4 + noise) lose no precision and an all-equal group gives exactly r - mean = 0
-(so A = 0, never rounding noise / eps). Outputs are float32 whatever the input float dtype.
+Numerics: a large common offset (rewards 1e4 + noise) must lose no precision, and an all-equal
+group must give exactly r - mean = 0 (so A = 0, never rounding noise / eps). The references compute
+in float64 with a two-pass variance (on CPU float64 costs nothing at these sizes). The kernel
+computes in float32 on values shifted by one member of their group (the row that claimed the hash
+slot), so the shifted values are exact and small. Outputs are float32 (float64 from a reference
+with upcast=True) whatever the input float dtype.
 
 The references (`*_reference`, vectorised torch: torch.unique + index_add_, no loop over groups)
 are the specification and the CPU path. Every estimator there is a per-group affine map
@@ -123,22 +124,15 @@ def _segment_advantages(values: torch.Tensor, inverse: torch.Tensor, counts: tor
     """Every estimator is an affine map per group: A = (r - baseline_g) * scale_g (then, for
     reinforce_pp_baseline, the batch whitening).
 
-    values [B] float, inverse [B] int64 in [0, G), counts [G] int64 -> A [B] of values' dtype.
-    r - baseline_g is computed as (r - shift_g) - (baseline_g - shift_g) with shift_g the value of
-    the group's first row, so a large common offset cancels exactly. Per-row work is a handful of
-    gathers; everything else is per group.
+    values [B] float64, inverse [B] int64 in [0, G), counts [G] int64 -> A [B] float64.
+    Per-row work is a few gathers and one subtract-multiply; everything else is per group.
     """
-    num_rows, num_segments = values.numel(), counts.numel()
-    rows = torch.arange(num_rows, device=values.device)
-    first = torch.full((num_segments,), num_rows, dtype=torch.long, device=values.device)
-    first.scatter_reduce_(0, inverse, rows, reduce="amin")
-    shift = values.index_select(0, first)  # [G]
-    # index_select, not x[inverse]: advanced indexing is much slower on CPU
-    shifted = values - shift.index_select(0, inverse)  # [B], exact: r and shift_g are close
+    num_segments = counts.numel()
     count = counts.to(values.dtype)  # [G]
-    baseline = values.new_zeros(num_segments).index_add_(0, inverse, shifted) / count  # mean_g - shift_g
+    # index_select, not x[inverse]: advanced indexing is much slower on CPU
+    mean = values.new_zeros(num_segments).index_add_(0, inverse, values) / count  # [G]
     if rule.divide_by_std:  # unbiased std from the centred values (two passes, no cancellation)
-        centred = shifted - baseline.index_select(0, inverse)
+        centred = values - mean.index_select(0, inverse)
         m2 = values.new_zeros(num_segments).index_add_(0, inverse, centred * centred)
         scale = 1.0 / ((m2 / (count - 1).clamp_min(1)).sqrt() + eps)
     elif rule.leave_one_out:  # r - (sum - r) / (n - 1) = n / (n - 1) * (r - mean)
@@ -147,20 +141,20 @@ def _segment_advantages(values: torch.Tensor, inverse: torch.Tensor, counts: tor
         scale = torch.ones_like(count)
     alone = count == 1
     if rule.singleton_keeps_reward:  # baseline 0, std 1
-        baseline = torch.where(alone, -shift, baseline)
-        alone_scale = 1.0 / (1.0 + eps) if rule.divide_by_std else 1.0
-        scale = torch.where(alone, torch.full_like(scale, alone_scale), scale)
+        baseline = torch.where(alone, 0.0, mean)
+        scale = torch.where(alone, 1.0 / (1.0 + eps) if rule.divide_by_std else 1.0, scale)
     else:
-        scale = torch.where(alone, torch.zeros_like(scale), scale)
-    adv = (shifted - baseline.index_select(0, inverse)) * scale.index_select(0, inverse)
+        baseline = mean
+        scale = torch.where(alone, 0.0, scale)
+    adv = (values - baseline.index_select(0, inverse)) * scale.index_select(0, inverse)
     if rule.whiten_batch:
         adv = adv - adv.mean()
-        var = (adv * adv).sum() / max(num_rows - 1, 1)
+        var = (adv * adv).sum() / max(adv.numel() - 1, 1)
         adv = adv / (var.sqrt() + eps)
     return adv
 
 
-def _compute_dtype(upcast: bool) -> torch.dtype:
+def _output_dtype(upcast: bool) -> torch.dtype:
     return torch.float64 if upcast else torch.float32
 
 
@@ -169,12 +163,16 @@ def group_advantages_reference(
     upcast: bool = False,
 ) -> torch.Tensor:
     """Vectorised-torch specification of `group_advantages` (torch.unique + index_add_, no loop
-    over groups). rewards [B], group_ids [B] -> [B] in float32 (float64 with upcast=True)."""
-    values = rewards.to(_compute_dtype(upcast))
+    over groups). rewards [B], group_ids [B] -> [B] in float32 (float64 with upcast=True).
+
+    Computed in float64 whatever `upcast` says: at these sizes it costs nothing on CPU, and it makes
+    an all-equal group of float32 rewards give exactly r - mean = 0 (n * r is exact in float64)."""
+    values = rewards.to(torch.float64)
     if values.numel() == 0:
-        return values.clone()
+        return values.to(_output_dtype(upcast))
     inverse, counts = _segment_index(group_ids)
-    return _segment_advantages(values, inverse, counts, _ESTIMATOR_RULES[estimator], eps)
+    adv = _segment_advantages(values, inverse, counts, _ESTIMATOR_RULES[estimator], eps)
+    return adv.to(_output_dtype(upcast))
 
 
 def brpo_advantages_reference(
@@ -182,7 +180,7 @@ def brpo_advantages_reference(
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised-torch specification of `brpo_advantages`: ([B] advantages, [B] bool kept)."""
-    values = pairwise_rewards.to(_compute_dtype(upcast))
+    values = pairwise_rewards.to(_output_dtype(upcast))
     if values.numel() == 0:
         return values.clone(), torch.ones_like(values, dtype=torch.bool)
     inverse, counts = _segment_index(group_ids)
@@ -201,14 +199,14 @@ def gigpo_advantages_reference(
     upcast: bool = False,
 ) -> torch.Tensor:
     """Vectorised-torch specification of `gigpo_advantages`: [B] rows (environment steps) -> [B]."""
-    episode = episode_returns.to(_compute_dtype(upcast))
-    step = step_returns.to(_compute_dtype(upcast))
+    episode = episode_returns.to(torch.float64)  # float64 throughout, as in group_advantages_reference
+    step = step_returns.to(torch.float64)
     if episode.numel() == 0:
-        return episode.clone()
+        return episode.to(_output_dtype(upcast))
     episode_rule, step_rule = _gigpo_rules(mode)
     a_episode = _segment_advantages(episode, *_segment_index(group_ids), episode_rule, eps)
     a_step = _segment_advantages(step, *_segment_index(group_ids, anchor_ids), step_rule, eps)
-    return a_episode + step_weight * a_step
+    return (a_episode + step_weight * a_step).to(_output_dtype(upcast))
 
 
 # ----------------------------------------------------------------------------- Triton kernels
