@@ -14,10 +14,10 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer
 
-from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer  # noqa: E402
-from wz_engine.integrations.trl import WZGRPOTrainer, trl_loss_normalisation  # noqa: E402
+from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer
+from wz_engine.integrations.trl import WZGRPOTrainer, trl_loss_normalisation
 
 PROMPTS = ["write a poem", "tell a story", "the cat sat", "numbers one two"]
 MAX_COMPLETION = 8
@@ -43,10 +43,12 @@ def model_dir(tmp_path_factory):
 def make_trainer(cls, model_dir, out_dir, **overrides):
     from transformers import AutoTokenizer
 
-    options = dict(output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=4, num_generations=2,
-                   max_completion_length=MAX_COMPLETION, gradient_accumulation_steps=GRAD_ACCUM, temperature=0.7,
-                   epsilon=0.2, epsilon_high=0.28, report_to=[], save_strategy="no", logging_steps=1, seed=0,
-                   max_steps=3, bf16=False)  # fp32: TRL autocasts its LM head to bf16 by default
+    options = {  # bf16=False: fp32 throughout (TRL autocasts its LM head to bf16 by default)
+        "output_dir": str(out_dir), "use_cpu": True, "per_device_train_batch_size": 4, "num_generations": 2,
+        "max_completion_length": MAX_COMPLETION, "gradient_accumulation_steps": GRAD_ACCUM, "temperature": 0.7,
+        "epsilon": 0.2, "epsilon_high": 0.28, "report_to": [], "save_strategy": "no", "logging_steps": 1,
+        "seed": 0, "max_steps": 3, "bf16": False,
+    }
     options.update(overrides)
     trainer = cls(model=model_dir, reward_funcs=length_reward, args=GRPOConfig(**options),
                   train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
@@ -161,3 +163,25 @@ def test_dapo_normaliser_matches_trl_formula():
     with pytest.raises(ValueError, match="loss_type"):
         trl_loss_normalisation("luspo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
                                num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
+
+
+def test_peft_lora_matches_trl(model_dir, batches, tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", loss_type="dapo", beta=0.05)
+    stock.model = peft.get_peft_model(stock.model, lora)  # as TRL does with peft_config, on identical weights
+    ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", loss_type="dapo", beta=0.05)
+    ours.model = peft.get_peft_model(ours.model, copy.deepcopy(lora))
+    ours.model.load_state_dict(stock.model.state_dict())
+    with torch.no_grad():  # non-zero B so that A gets a gradient too
+        for a, b in zip(stock.model.parameters(), ours.model.parameters()):
+            if a.requires_grad:
+                a.normal_(0, 0.1, generator=torch.Generator().manual_seed(a.numel()))
+                b.copy_(a)
+    for inputs in batches:
+        want_loss, want = loss_and_grads(stock, inputs)
+        got_loss, got = loss_and_grads(ours, inputs)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+        assert want and all("lora_" in name for name in want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)

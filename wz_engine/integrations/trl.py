@@ -49,8 +49,14 @@ from trl import GRPOConfig, GRPOTrainer
 from wz_kernels import logprob as _logprob
 from wz_kernels.policy_loss import aggregation_weights, policy_loss
 
-__all__ = ["WZGRPOTrainer", "SUPPORTED_LOSS_TYPES", "unsupported_options", "trl_loss_normalisation",
-           "TRLLossNormalisation", "fused_grpo_loss"]
+__all__ = [
+    "SUPPORTED_LOSS_TYPES",
+    "TRLLossNormalisation",
+    "WZGRPOTrainer",
+    "fused_grpo_loss",
+    "trl_loss_normalisation",
+    "unsupported_options",
+]
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 

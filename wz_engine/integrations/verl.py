@@ -23,7 +23,8 @@ Semantics follow `verl/trainer/ppo/core_algos.py` (volcengine/verl, Jan 2026): i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,18 +35,18 @@ from wz_kernels.advantage import group_advantages
 from wz_kernels.policy_loss import aggregation_weights, policy_loss
 
 __all__ = [
-    "index_to_group_ids",
+    "ADV_ESTIMATORS",
+    "KL_PENALTIES",
+    "LOSS_AGG_MODES",
+    "agg_loss",
+    "compute_grpo_outcome_advantage",
     "compute_policy_loss",
     "compute_policy_loss_vanilla",
-    "agg_loss",
-    "kl_penalty",
-    "compute_grpo_outcome_advantage",
-    "compute_rloo_outcome_advantage",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_rloo_outcome_advantage",
     "get_adv_estimator_fn",
-    "ADV_ESTIMATORS",
-    "LOSS_AGG_MODES",
-    "KL_PENALTIES",
+    "index_to_group_ids",
+    "kl_penalty",
 ]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
