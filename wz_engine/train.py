@@ -33,7 +33,8 @@ from wz_engine.metrics import MetricsLogger, PhaseTimer, reward_monitors
 from wz_engine.rewards.advantages import compute_advantages, loss_rows
 from wz_engine.rewards.dapo import informative_groups, overlong_penalty
 from wz_engine.rollout.base import SamplingParams
-from wz_engine.update import (LossOptions, PackedPolicy, accumulate_gradients, clip_and_norm, lr_lambda,
+from wz_engine.modeling import FusedHeadCausalLM
+from wz_engine.update import (LossOptions, accumulate_gradients, clip_and_norm, lr_lambda, model_inputs,
                               pack_for_update, packed_logprobs)
 
 log = logging.getLogger("wz_engine")
@@ -116,15 +117,15 @@ def build_reward_source(cfg: RunConfig, lm, tokenizer, device, gather):
     return ScalarRewardModel(cfg.judge.scalar_rm_path, device=device, batch_size=cfg.judge.scalar_rm_batch_size)
 
 
-def build_sampler(cfg: RunConfig, policy: PackedPolicy, tokenizer, info: wzdist.DistInfo):
+def build_sampler(cfg: RunConfig, policy: FusedHeadCausalLM, tokenizer, info: wzdist.DistInfo):
     if cfg.rollout.sampler == "vllm":
         from wz_engine.rollout.vllm import VLLMSampler  # owned by the vLLM issue
 
         cfg.rollout.vllm.check_install()
-        return VLLMSampler(cfg.rollout.vllm, policy.lm, tokenizer)
+        return VLLMSampler(cfg.rollout.vllm, policy.model, tokenizer)
     from wz_engine.rollout.hf import HFSampler
 
-    return HFSampler(policy.lm, tokenizer, gather=lambda: wzdist.gathered_for_generation(policy),
+    return HFSampler(policy.model, tokenizer, gather=lambda: wzdist.gathered_for_generation(policy),
                      seed=cfg.train.seed * 1000 + info.rank)
 
 
@@ -170,12 +171,12 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.to(self.device)
-        self.policy = wzdist.shard_model(PackedPolicy(lm), lm, self.info, cfg.distributed.mixed_precision,
+        self.policy = wzdist.shard_model(FusedHeadCausalLM(lm), lm, self.info, cfg.distributed.mixed_precision,
                                          cfg.distributed.reshard_after_forward)
         self.ref = None
         if ref_lm is not None:
             ref_lm.to(self.device)
-            self.ref = wzdist.shard_model(PackedPolicy(ref_lm), ref_lm, self.info, cfg.distributed.mixed_precision)
+            self.ref = wzdist.shard_model(FusedHeadCausalLM(ref_lm), ref_lm, self.info, cfg.distributed.mixed_precision)
             self.ref.eval()
         self._warm_up_fsdp()
 
@@ -219,7 +220,7 @@ class Trainer:
         with torch.no_grad():
             for m in (self.policy, self.ref):
                 if m is not None:
-                    m(dummy)
+                    m(**model_inputs(dummy, m.config))
 
     # -- phases ---------------------------------------------------------------------------------
     def _sampling_params(self) -> SamplingParams:
@@ -435,7 +436,7 @@ class Trainer:
                 bar.close()
             self.logger.close()
         if self.cfg.checkpoint.export_at_end and self.info.is_main:
-            export_model(self.policy.lm, self.tokenizer, self.out / "export")
+            export_model(self.policy.model, self.tokenizer, self.out / "export")
         return last
 
 
@@ -472,7 +473,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path 
     config = AutoConfig.from_pretrained(str(run_dir / HF_CONFIG_DIR))
     lm = AutoModelForCausalLM.from_config(config)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / TOKENIZER_DIR))
-    policy = PackedPolicy(lm)
+    policy = FusedHeadCausalLM(lm)
     ckpt.load_checkpoint(path, policy, None, rank=0)
     return export_model(lm, tokenizer, out_dir)
 

@@ -15,40 +15,22 @@ from dataclasses import dataclass
 import torch
 
 from wz_engine import distributed as wzdist
+from wz_engine.modeling import IGNORE_INDEX, PolicyLossBatch
 from wz_engine.packing import PackedRLBatch, pack_rl_batch
 
 
-class PackedPolicy(torch.nn.Module):
-    """Root module the trainer calls: backbone on a packed row + fused log-probs on lm_head.
-
-    FSDP2 wraps each decoder layer and then this module, so every parameter the forward touches is
-    gathered by this module's own hooks (calling `lm.model` directly would bypass them).
-    """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, batch: PackedRLBatch, temperature: float = 1.0, return_entropy: bool = False):
-        """-> logprobs [N] f32 of each token's target (and entropy [N] f32). Masked positions are 0."""
-        from wz_kernels.logprob import fused_linear_logprobs
-
-        out = self.lm.model(**_model_inputs(batch, self.lm))
-        hidden = out.last_hidden_state[0]  # [N, H]
-        head = self.lm.get_output_embeddings()
-        targets = torch.where(batch.loss_mask, batch.targets, torch.full_like(batch.targets, -100))
-        return fused_linear_logprobs(
-            hidden, head.weight.to(hidden.dtype), targets, bias=head.bias, temperature=temperature,
-            return_entropy=return_entropy,
-        )
-
-
-def _model_inputs(batch: PackedRLBatch, lm) -> dict:
-    if getattr(lm.config, "_attn_implementation", None) in ("wz_varlen", "flash_attention_2"):
-        return batch.model_inputs()
-    # sdpa / eager: one packed row; transformers isolates the sequences from the position ids when
-    # there is no attention mask and no cache (MACHINE_NOTES.md).
-    return dict(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)
+def model_inputs(batch: PackedRLBatch, lm_config) -> dict:
+    """Keyword arguments of `FusedHeadCausalLM.forward` for one packed micro-batch: one packed row,
+    targets on the response tokens (ignore_index elsewhere), and the varlen boundaries when the
+    attention implementation takes them."""
+    targets = torch.where(batch.loss_mask, batch.targets, torch.full_like(batch.targets, IGNORE_INDEX))
+    if getattr(lm_config, "_attn_implementation", None) in ("wz_varlen", "flash_attention_2"):
+        kwargs = batch.model_inputs()
+    else:
+        # sdpa / eager: transformers isolates the packed sequences from the position ids when there is
+        # no attention mask and no cache (MACHINE_NOTES.md).
+        kwargs = dict(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)
+    return {**kwargs, "targets": targets}
 
 
 @dataclass
@@ -88,7 +70,8 @@ def packed_logprobs(model: torch.nn.Module, ub: UpdateBatch, device, temperature
     """Log-probs [N] (and entropies) of every micro-batch, no grad (old / reference policy)."""
     lps, ents = [], []
     for b in ub.batches:
-        out = model(b.to(device), temperature=temperature, return_entropy=return_entropy)
+        out = model(**model_inputs(b.to(device), model.config), temperature=temperature,
+                    return_entropy=return_entropy)
         if return_entropy:
             lps.append(out[0].float())
             ents.append(out[1].float())
@@ -115,23 +98,20 @@ def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[
 
     Returns this step's global metrics (loss summed over micro-batches and ranks; the clip fractions,
     ratio and KL as token-weighted means)."""
-    # Imported from the module: `wz_kernels.policy_loss` names the submodule once it is imported.
-    from wz_kernels.policy_loss import policy_loss
-
     sums = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac_dual": 0.0,
             "ratio_mean": 0.0, "kl_mean": 0.0}
     tokens = 0.0
+    options = dict(clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
+                   kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg, loss_scale=opts.loss_scale,
+                   global_tokens=ub.global_tokens, global_seqs=ub.global_seqs)
     for i, b in enumerate(ub.batches):
         b = b.to(device)
         mask = ub.masks[i].to(device)
-        logprobs = model(b, temperature=temperature)
-        loss, metrics = policy_loss(
-            logprobs, old_lps[i].to(device), ub.advantages[i].to(device), mask,
-            ref_logprobs=ref_lps[i].to(device) if ref_lps is not None else None,
-            seq_ids=b.token_sequence_index, clip_low=opts.clip_low, clip_high=opts.clip_high,
-            dual_clip=opts.dual_clip, kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg,
-            loss_scale=opts.loss_scale, global_tokens=ub.global_tokens, global_seqs=ub.global_seqs,
-        )
+        batch_loss = PolicyLossBatch(old_lps[i].to(device), ub.advantages[i].to(device), mask,
+                                     ref_lps[i].to(device) if ref_lps is not None else None,
+                                     b.token_sequence_index, options)
+        # fused_linear_policy_loss inside the root's forward: logprob + loss per chunk, no [N, V].
+        loss, metrics = model(**model_inputs(b, model.config), temperature=temperature, policy_loss=batch_loss)
         loss.backward()
         n = float(mask.sum())
         sums["loss"] += float(loss.detach())

@@ -52,4 +52,4 @@ def test_resume_is_bit_identical_and_export_loads(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(out))
     for k, v in lm.state_dict().items():
-        assert torch.equal(v, expected[f"lm.{k}"]), k
+        assert torch.equal(v, expected[f"model.{k}"]), k

@@ -40,7 +40,7 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 top_k=r.top_k, n=eval_samples)
         with wzdist.gathered_for_generation(trainer.policy):
-            result = pairwise_win_rate(HFSampler(trainer.policy.lm, trainer.tokenizer),
+            result = pairwise_win_rate(HFSampler(trainer.policy.model, trainer.tokenizer),
                                        HFSampler(initial_lm, trainer.tokenizer), judge,
                                        trainer.holdout_prompts, params)
         png = plot_run(cfg.train.output_dir) if trainer.step_idx else None
