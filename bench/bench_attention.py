@@ -74,8 +74,10 @@ def _run(fn, grad_of, backward: bool):
 def _padded(lengths, q, k, v):
     """[N, H, D] packed -> [B, H, max L, D] padded, K/V heads repeated to Hq (flash SDPA has no GQA)."""
     group = q.shape[1] // k.shape[1]
-    pieces = lambda t: list(t.split(lengths))
-    pad = lambda t: torch.nn.utils.rnn.pad_sequence(pieces(t), batch_first=True).transpose(1, 2)
+
+    def pad(t):  # [N, H, D] -> [B, H, max L, D]
+        return torch.nn.utils.rnn.pad_sequence(list(t.split(lengths)), batch_first=True).transpose(1, 2)
+
     qp, kp, vp = pad(q.detach()), pad(k.detach().repeat_interleave(group, 1)), pad(v.detach().repeat_interleave(group, 1))
     return [t.contiguous().requires_grad_(q.requires_grad) for t in (qp, kp, vp)]
 
