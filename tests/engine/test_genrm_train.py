@@ -25,7 +25,7 @@ def test_brpo_with_genrm_two_steps(tmp_path):
                              "model.tiny.full_byte_alphabet=true",
                              "algorithm.skew_threshold=1.0"])  # the judge prompt must survive tokenization
     trainer = Trainer(cfg)
-    assert isinstance(trainer.rewarder, GenRM) and trainer.rewarder.sampler.model is trainer.policy.lm
+    assert isinstance(trainer.rewarder, GenRM) and trainer.rewarder.sampler.model is trainer.sampler.model  # the live policy module
 
     m1 = trainer.step()
     judge = trainer.rewarder
