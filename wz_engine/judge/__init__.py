@@ -1,23 +1,40 @@
-from wz_engine.judge.base import PairwiseJudge, PairwiseRequest, Verdict
-from wz_engine.judge.config import GenRMConfig
-from wz_engine.judge.genrm import Comparison, ComparisonResult, GenRM, Judgement
-from wz_engine.judge.metrics import JudgementRecord, judge_metrics
-from wz_engine.judge.parser import ParsedVerdict, VerdictGrammar, parse_verdict
-from wz_engine.judge.programmatic import CallableJudge
+"""The pairwise judge: interface, GenRM, parser, metrics, evaluation.
 
-__all__ = [
-    "CallableJudge",
-    "Comparison",
-    "ComparisonResult",
-    "GenRM",
-    "GenRMConfig",
-    "Judgement",
-    "JudgementRecord",
-    "PairwiseJudge",
-    "PairwiseRequest",
-    "ParsedVerdict",
-    "Verdict",
-    "VerdictGrammar",
-    "judge_metrics",
-    "parse_verdict",
-]
+Names are imported lazily so that light entry points (`python -m wz_engine.judge.eval` with a
+programmatic judge, the parser) do not pay for importing torch/transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PairwiseJudge": "base",
+    "PairwiseRequest": "base",
+    "Verdict": "base",
+    "GenRMConfig": "config",
+    "Comparison": "genrm",
+    "ComparisonResult": "genrm",
+    "GenRM": "genrm",
+    "Judgement": "genrm",
+    "JudgementRecord": "metrics",
+    "judge_metrics": "metrics",
+    "ParsedVerdict": "parser",
+    "VerdictGrammar": "parser",
+    "parse_verdict": "parser",
+    "CallableJudge": "programmatic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wz_engine.judge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"wz_engine.judge.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
