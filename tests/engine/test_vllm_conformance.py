@@ -72,3 +72,35 @@ def test_output_and_worker_surface():
     from vllm.v1.worker.worker_base import WorkerBase
 
     assert hasattr(WorkerBase, "apply_model")  # what LLM.apply_model runs on each worker
+
+
+def test_adapter_objects_build_with_the_real_classes():
+    """The adapter's own constructors and output parsing, run on real vLLM objects."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.logprobs import FlatLogprobs, Logprob
+    from vllm.outputs import CompletionOutput
+
+    from wz_engine.rollout.base import SamplingParams
+    from wz_engine.rollout.vllm import VLLMSampler, _completion, _LoRAJudge, engine_kwargs, load_vllm_api
+    from wz_engine.rollout.vllm_config import VLLMConfig
+
+    cfg = VLLMConfig(judge_mode="lora", judge_lora_path="/a", max_num_batched_tokens=1024)
+    # LLM.__init__ forwards every keyword to EngineArgs (constructing one resolves the model: not here)
+    assert not set(engine_kwargs(cfg, "some/model", 3)) - _keywords(EngineArgs)
+
+    sampler = VLLMSampler.__new__(VLLMSampler)  # no engine: only the pieces that build vLLM objects
+    sampler.api, sampler.dp_rank, sampler.config = load_vllm_api(), 1, cfg
+    sp = sampler._sampling_params(SamplingParams(max_new_tokens=5, n=2, seed=3, stop_token_ids=(7,),
+                                                 return_logprobs=True), index=4)
+    assert (sp.max_tokens, sp.n, sp.logprobs, list(sp.stop_token_ids)) == (5, 2, 0, [7])
+    req = _LoRAJudge(sampler).request
+    assert (req.lora_name, req.lora_int_id, req.lora_path) == ("wz_judge_1", 1, "/a")
+
+    positions = [{4: Logprob(-0.5, rank=1)}, {9: Logprob(-1.5, rank=3), 2: Logprob(-0.1, rank=1)}]
+    flat = FlatLogprobs()
+    flat.extend(positions)
+    for logprobs in (positions, flat):
+        out = CompletionOutput(index=0, text="x", token_ids=[4, 9], cumulative_logprob=None,
+                               logprobs=logprobs, finish_reason="length")
+        c = _completion(out, True, 5)
+        assert c.logprobs == [-0.5, -1.5] and c.token_ids == [4, 9] and c.weight_version == 5
