@@ -244,7 +244,7 @@ class GenRM:
         positions: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
             positions.setdefault(t, []).append(i)
-        by_count: dict[int, list[tuple[str, list[int]]]] = {}
+        by_count: dict[int, list[tuple[list[int], list[int]]]] = {}  # n -> [(prompt ids, positions)]
         for text, where in positions.items():
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
