@@ -3,36 +3,31 @@
 Every op has four layers in one module: a plain-torch `reference` (the specification and the CPU
 path), private Triton kernels, a torch.library registration, and the public function documented
 here. `impl="auto"` picks the fastest backend for the tensors' device.
+
+The ops are imported eagerly: `policy_loss` is both a module and the function it defines, and a
+lazy export would be replaced by the submodule as soon as anything imported `wz_kernels.policy_loss`.
+Every module guards its triton import, so this works where triton is absent. To run the Triton
+kernels on CPU (the interpreter), set TRITON_INTERPRET=1 before importing wz_kernels.
 """
 
-from importlib import import_module
+from .advantage import brpo_advantages, gigpo_advantages, group_advantages
+from .attention import varlen_attention
+from .logprob import fused_linear_logprobs, fused_linear_policy_loss
+from .policy_loss import policy_loss
+from .weight_pack import multi_tensor_copy, pack_tensors, unpack_into, unpack_tensors
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it. Imported lazily so `import wz_kernels` stays cheap and
-# works where triton is absent.
-_EXPORTS = {
-    "group_advantages": "advantage",
-    "brpo_advantages": "advantage",
-    "gigpo_advantages": "advantage",
-    "policy_loss": "policy_loss",
-    "fused_linear_logprobs": "logprob",
-    "fused_linear_policy_loss": "logprob",
-    "varlen_attention": "attention",
-    "multi_tensor_copy": "weight_pack",
-    "pack_tensors": "weight_pack",
-    "unpack_tensors": "weight_pack",
-    "unpack_into": "weight_pack",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f"wz_kernels.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'wz_kernels' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "brpo_advantages",
+    "fused_linear_logprobs",
+    "fused_linear_policy_loss",
+    "gigpo_advantages",
+    "group_advantages",
+    "multi_tensor_copy",
+    "pack_tensors",
+    "policy_loss",
+    "unpack_into",
+    "unpack_tensors",
+    "varlen_attention",
+]
