@@ -190,14 +190,17 @@ def write_png(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(providers), 1)
     for metric, ax in zip(("ms", "peak_mb"), axes):
+        plotted = False
         for j, p in enumerate(providers):
             vals = [next((r.get(metric, float("nan")) for r in rows if r["case"] == c and r["provider"] == p),
                          float("nan")) for c in cases]
+            plotted |= any(v > 0 for v in vals if not math.isnan(v))
             ax.bar([i + j * width for i in range(len(cases))], vals, width, label=p)
         ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(cases))])
         ax.set_xticklabels(cases, rotation=15, fontsize=8)
         ax.set_ylabel({"ms": "time (ms, lower is better)", "peak_mb": "peak memory (MB)"}[metric])
-        ax.set_yscale("log")
+        if plotted:  # a log axis over only NaN / zero values (e.g. --no-memory) fails to draw
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
