@@ -95,12 +95,14 @@ def tiny_shapes():
 
 
 class StandInLLM:
-    def __init__(self, model: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
+    def __init__(self, model: str, *, tokenizer: str | None = None, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", seed: int = 0,
                  gpu_memory_utilization: float = 0.92, enforce_eager: bool = False, **kwargs):
         unknown = set(kwargs) - set(VLLM_API["EngineArgs"])
         assert not unknown, f"adapter passed engine args outside VLLM_API: {unknown}"
-        self.kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, **kwargs)
+        self.kwargs = dict(model=model, tokenizer=tokenizer, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                           seed=seed, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                           **kwargs)
         self.model = StandInModel(tiny_shapes(), getattr(torch, dtype))
         self.calls: list[tuple] = []
         self.sleeping: set[str] = set()

@@ -49,7 +49,8 @@ from wz_engine.sync import ModuleWeightSource, ParamSpec, SyncStats, WeightSynce
 
 # Every vLLM class / method / keyword used below: name -> keywords (EngineArgs fields for LLM kwargs).
 VLLM_API: dict[str, tuple[str, ...]] = {
-    "LLM.__init__": ("model", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization", "enforce_eager"),
+    "LLM.__init__": ("model", "tokenizer", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
+                     "enforce_eager"),
     "EngineArgs": ("distributed_executor_backend", "enable_sleep_mode", "max_model_len", "max_num_seqs",
                    "max_num_batched_tokens", "enable_prefix_caching", "load_format", "logprobs_mode",
                    "enable_lora", "max_lora_rank", "max_loras"),
@@ -86,10 +87,11 @@ def load_vllm_api() -> VLLMApi:
     return VLLMApi(LLM, VSamplingParams, LoRARequest)
 
 
-def engine_kwargs(config: VLLMConfig, model_path: str, seed: int) -> dict:
+def engine_kwargs(config: VLLMConfig, model_path: str, seed: int, tokenizer_path: str | None = None) -> dict:
     """Keyword arguments of `vllm.LLM` for one colocated engine (see VLLM_API)."""
     kwargs = dict(
         model=model_path,
+        tokenizer=tokenizer_path,  # None: the tokenizer in model_path
         tensor_parallel_size=config.tensor_parallel_size,
         dtype=config.dtype,
         seed=seed,
@@ -141,8 +143,11 @@ def assert_weight_version(groups: Sequence[Sequence[Completion]], expected: int)
 class VLLMSampler:
     """`Sampler` on a colocated vLLM engine (see the module doc for the call sequence)."""
 
-    def __init__(self, config: VLLMConfig, model_path: str, *, api: VLLMApi | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(self, config: VLLMConfig, model_path: str, *, tokenizer_path: str | None = None,
+                 api: VLLMApi | None = None, device: torch.device | str | None = None):
+        """model_path: HF directory (config.json; weights unless load_format="dummy") the engine is built
+        from; tokenizer_path: its tokenizer when not in model_path. api: None imports vLLM (after the
+        version check); tests pass a stand-in. device: where sync buckets are built (default: cuda)."""
         self.config = config
         self.model_path = model_path
         self.api = api if api is not None else load_vllm_api()
@@ -157,7 +162,7 @@ class VLLMSampler:
         self.device = torch.device(device)
         self.dtype = _TORCH_DTYPES.get(config.dtype)  # None ("auto"): keep the trainer's dtype
         self.syncer = WeightSyncer(config.bucket_size_bytes, self.device)
-        self.llm = self.api.LLM(**engine_kwargs(config, model_path, config.seed + self.dp_rank))
+        self.llm = self.api.LLM(**engine_kwargs(config, model_path, config.seed + self.dp_rank, tokenizer_path))
 
         # State. weight_version: what the engine serves (-1: nothing usable); serving: whose weights.
         self.weight_version = -1 if config.load_format == "dummy" else 0
