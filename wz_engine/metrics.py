@@ -100,6 +100,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(row, step=step)
 
+    def log_sample(self, step: int, sample: dict) -> None:
+        """One rollout (prompt, response, reward) to output_dir/samples.jsonl."""
+        if not self.enabled:
+            return
+        with (self.dir / "samples.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **sample}) + "\n")
+
     def close(self) -> None:
         if not self.enabled:
             return

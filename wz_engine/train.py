@@ -34,8 +34,8 @@ from wz_engine.rewards.advantages import compute_advantages, loss_rows
 from wz_engine.rewards.dapo import informative_groups, overlong_penalty
 from wz_engine.rollout.base import SamplingParams
 from wz_engine.modeling import FusedHeadCausalLM
-from wz_engine.update import (LossOptions, accumulate_gradients, clip_and_norm, lr_lambda, model_inputs,
-                              pack_for_update, packed_logprobs)
+from wz_engine.update import (LossOptions, accumulate_gradients, apply_rollout_correction, clip_and_norm,
+                              lr_lambda, model_inputs, pack_for_update, packed_logprobs)
 
 log = logging.getLogger("wz_engine")
 
@@ -92,13 +92,17 @@ def build_tokenizer_and_model(cfg: RunConfig, output_dir: Path, prompt_texts: li
     return tokenizer, lm
 
 
-def build_reward_source(cfg: RunConfig, lm, tokenizer, device, gather):
+def build_reward_source(cfg: RunConfig, lm, tokenizer, device, gather, sampler=None):
     """The judge (pairwise) or the pointwise reward for `cfg.judge.kind`."""
     kind = cfg.judge.kind
     if kind == "callable":
         from wz_engine.judge.programmatic import CallableJudge
 
         return CallableJudge.from_path(cfg.judge.callable)
+    if kind == "genrm" and sampler is not None and cfg.rollout.sampler == "vllm":
+        from wz_engine.judge.genrm import GenRM
+
+        return GenRM(sampler.judge_sampler(), tokenizer, cfg.judge.genrm)  # one engine, judge_mode in vllm
     if kind == "genrm":
         from wz_engine.judge.genrm import GenRM
         from wz_engine.judge.sharing import build_judge_engine
@@ -122,7 +126,7 @@ def build_sampler(cfg: RunConfig, policy: FusedHeadCausalLM, tokenizer, info: wz
         from wz_engine.rollout.vllm import VLLMSampler  # owned by the vLLM issue
 
         cfg.rollout.vllm.check_install()
-        return VLLMSampler(cfg.rollout.vllm, policy.model, tokenizer)
+        return VLLMSampler(cfg.rollout.vllm, cfg.rollout.vllm.model or cfg.model.path, device=info.device)
     from wz_engine.rollout.hf import HFSampler
 
     return HFSampler(policy.model, tokenizer, gather=lambda: wzdist.gathered_for_generation(policy),
@@ -187,10 +191,11 @@ class Trainer:
             self.optimizer, lr_lambda(oc.warmup_steps, cfg.train.steps, oc.schedule, oc.min_lr_ratio))
         self.sampler = build_sampler(cfg, self.policy, tokenizer, self.info)
         self.rewarder = build_reward_source(cfg, lm, tokenizer, self.device,
-                                            lambda: wzdist.gathered_for_generation(self.policy))
+                                            lambda: wzdist.gathered_for_generation(self.policy), self.sampler)
         self.step_idx = 0  # completed steps
         self.nonfinite_in_a_row = 0
         self.stop_requested = False
+        self.last_sample: dict | None = None
 
         if resume:
             path = ckpt.latest_checkpoint(self.out)
@@ -223,10 +228,13 @@ class Trainer:
                     m(**model_inputs(dummy, m.config))
 
     # -- phases ---------------------------------------------------------------------------------
+    def _use_tis(self) -> bool:
+        return self.cfg.rollout.sampler == "vllm" and bool(getattr(self.cfg.rollout.vllm, "is_correction", False))
+
     def _sampling_params(self) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, n=r.group_size)
+                              top_k=r.top_k, n=r.group_size, return_logprobs=self._use_tis())
 
     def rollout(self, prompts) -> list[list]:
         """Completions [P_local][G]. With `rollout.seed_per_prompt` every prompt is sampled alone with a
@@ -281,6 +289,9 @@ class Trainer:
         kept_prompts, kept_groups, kept = [], [], {"rewards": [], "is_ref": [], "adv": [], "in_loss": [], "skew": []}
         judge_stats: dict[str, float] = {}
         rounds = 0
+        if self.sampler.weight_version != self.step_idx:  # first step / resumed: the engine needs the weights
+            with timer("sync"):
+                self.sampler.update_weights(self.policy.model, self.step_idx)
         while True:
             rounds += 1
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
@@ -310,6 +321,7 @@ class Trainer:
             short = float(wzdist.all_reduce(float(P_local - len(kept_prompts)), op="max"))
             if short <= 0 or rounds >= cfg.algorithm.max_sampling_rounds:
                 break
+        self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         cat = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in kept.items()}
         prompt_ids = [list(p.token_ids) for p, g in zip(kept_prompts, kept_groups) for _ in g]
         response_ids = [list(c.token_ids) for g in kept_groups for c in g]
@@ -322,6 +334,10 @@ class Trainer:
         with timer("logprob"):
             old_lps, ents = packed_logprobs(self.policy, ub, self.device, temperature, return_entropy=True)
             ref_lps = packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
+        tis = {}
+        if self._use_tis():
+            engine = [torch.tensor(c.logprobs, dtype=torch.float32) for g in kept_groups for c in g]
+            tis = apply_rollout_correction(ub, old_lps, engine, self.cfg.rollout.vllm.is_correction_cap)
         with timer("update"):
             self.optimizer.zero_grad(set_to_none=True)
             loss_opts = LossOptions(cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.dual_clip,
@@ -342,14 +358,18 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
         with timer("sync"):
-            self.sampler.update_weights(self.policy, self.step_idx + 1)
+            self.sampler.update_weights(self.policy.model, self.step_idx + 1)
         self.step_idx += 1
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise RuntimeError(f"aborting: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
                                f"gradient (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); "
                                "lower optim.lr or check the rewards")
-        return self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, kept_groups,
-                                  judge_stats, rounds)
+        if kept_groups:
+            self.last_sample = {"prompt": kept_prompts[0].text, "response": kept_groups[0][0].text,
+                                "reward": float(cat["rewards"][0]), "advantage": float(cat["adv"][0])}
+        out = self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, kept_groups,
+                                 judge_stats, rounds)
+        return {**out, **tis}
 
     def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
         lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
@@ -415,6 +435,9 @@ class Trainer:
             while self.step_idx < cfg.train.steps:
                 last = self.step()
                 self.logger.log(self.step_idx, last)
+                every = cfg.logging.samples_every
+                if every and self.step_idx % every == 0 and self.last_sample:
+                    self.logger.log_sample(self.step_idx, self.last_sample)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{last.get('reward/mean', float('nan')):.3f}",

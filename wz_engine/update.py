@@ -45,12 +45,15 @@ class UpdateBatch:
     """[N] bool per micro-batch: tokens in the loss (response tokens of rows kept in the loss)."""
     global_tokens: float
     global_seqs: float
+    num_real: int = 0
+    """Micro-batches holding rollouts (the rest are the empty padding ones)."""
 
 
 def pack_for_update(prompt_ids: list[list[int]], response_ids: list[list[int]], advantages: torch.Tensor,
                     in_loss: torch.Tensor, micro_batch_tokens: int, pad_id: int) -> UpdateBatch:
     """Rollouts (B) -> packed micro-batches with per-token advantages and loss masks."""
     batches = pack_rl_batch(prompt_ids, response_ids, micro_batch_tokens) if prompt_ids else []
+    num_real = len(batches)
     adv_tok = [advantages[b.token_sequence_index] for b in batches]
     masks = [b.loss_mask & in_loss[b.token_sequence_index] for b in batches]
     n_max = int(wzdist.all_reduce(float(len(batches)), op="max").item())
@@ -61,7 +64,7 @@ def pack_for_update(prompt_ids: list[list[int]], response_ids: list[list[int]], 
     local_tokens = float(sum(int(m.sum()) for m in masks))
     local_seqs = float(sum(int(torch.unique(b.token_sequence_index[m]).numel()) for b, m in zip(batches, masks)))
     totals = wzdist.all_reduce(torch.tensor([local_tokens, local_seqs], dtype=torch.float64))
-    return UpdateBatch(batches, adv_tok, masks, max(float(totals[0]), 1.0), max(float(totals[1]), 1.0))
+    return UpdateBatch(batches, adv_tok, masks, max(float(totals[0]), 1.0), max(float(totals[1]), 1.0), num_real)
 
 
 @torch.no_grad()
@@ -78,6 +81,26 @@ def packed_logprobs(model: torch.nn.Module, ub: UpdateBatch, device, temperature
         else:
             lps.append(out.float())
     return lps, (ents if return_entropy else None)
+
+
+def apply_rollout_correction(ub: UpdateBatch, old_lps: list[torch.Tensor], engine_logprobs: list[torch.Tensor],
+                             cap: float) -> dict[str, float]:
+    """Truncated importance sampling for the sampler/trainer mismatch (wz_engine.rollout.correction):
+    multiplies each micro-batch's per-token advantages by min(pi_old / pi_engine, cap) in place.
+
+    engine_logprobs: per rollout (original order) the sampler's log-prob of each response token."""
+    from wz_engine.rollout.correction import apply_tis, tis_weights
+
+    diff_sum = capped = tokens = 0.0
+    for i in range(ub.num_real):
+        b = ub.batches[i]
+        engine = b.scatter_responses(engine_logprobs, fill=0.0).to(old_lps[i].device)
+        weights, m = tis_weights(old_lps[i], engine, ub.masks[i].to(old_lps[i].device), cap)
+        ub.advantages[i] = apply_tis(ub.advantages[i].to(weights.device), weights.to(torch.float32))
+        diff_sum += m.mean_abs_logp_diff * m.tokens
+        capped += m.frac_capped * m.tokens
+        tokens += m.tokens
+    return {"tis/mean_abs_logp_diff": diff_sum / max(tokens, 1.0), "tis/frac_capped": capped / max(tokens, 1.0)}
 
 
 @dataclass

@@ -71,3 +71,8 @@ def corpus() -> list[str]:
     # Every judge word often enough that BPE merges it into one token (with its leading space).
     lines += [" ".join([word] * 20) for word in sorted(VOCABULARY)]
     return lines
+
+
+def writing_reward(prompt: str, response: str, reference: str | None = None) -> float:
+    """Pointwise form (a rule reward for GRPO-family estimators): the score scaled to [0, 1]."""
+    return writing_score(prompt, response) / 10
