@@ -449,7 +449,8 @@ def _brpo_advantages_triton(pairwise_rewards, group_ids, skew_threshold: float, 
         cfg = _launch_config(num_rows, pairwise_rewards.device)
         _brpo_advantages_fwd_kernel[(1,)](
             pairwise_rewards.to(torch.float32).contiguous(), _ids(group_ids), out, kept, table, stats, slot,
-            num_rows, slots, slots.bit_length() - 1, float(skew_threshold), BLOCK=cfg.block, num_warps=cfg.num_warps,
+            num_rows, slots, slots.bit_length() - 1, float(skew_threshold),
+            BLOCK=cfg.block, num_warps=cfg.num_warps,
         )
     return out, kept.view(torch.bool)
 
