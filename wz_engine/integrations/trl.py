@@ -251,8 +251,10 @@ class WZGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
 
-        hidden = self._completion_hidden_states(model, input_ids, attention_mask, length)  # [B, T, H]
         weight, bias = self._lm_head(model)
+        # Under mixed precision the backbone's output dtype may differ from the head's (bf16 autocast over fp32
+        # weights); the kernels take one dtype, the head's, as the model's own lm_head Linear would.
+        hidden = self._completion_hidden_states(model, input_ids, attention_mask, length).to(weight.dtype)
         valid = mask.bool()  # [B, T]: the tokens that train
         rows = torch.arange(num_seqs, device=valid.device).unsqueeze(1).expand_as(valid)
         advantages = inputs["advantages"]
