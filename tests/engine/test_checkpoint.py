@@ -6,7 +6,7 @@ import torch
 
 from wz_engine import checkpoint as ckpt
 from wz_engine.config import load_config
-from wz_engine.train import Trainer, export_run
+from wz_engine.train import Trainer
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 
@@ -47,9 +47,16 @@ def test_resume_is_bit_identical_and_export_loads(tmp_path):
     # Export: HF safetensors + config + tokenizer that transformers loads back with the same weights.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = export_run(tmp_path / "b", tmp_path / "export")
+    from wz_engine.cli import main as wz
+
+    assert wz(["export", str(tmp_path / "b"), str(tmp_path / "export")]) == 0
+    out = tmp_path / "export"
     assert (out / "model.safetensors").is_file()
     lm = AutoModelForCausalLM.from_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(out))
     for k, v in lm.state_dict().items():
         assert torch.equal(v, expected[f"model.{k}"]), k
+
+    assert wz(["plot", str(tmp_path / "b"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert wz(["trian"]) == 2  # unknown command: usage, with a suggestion
