@@ -379,17 +379,21 @@ class _LaunchConfig:
     num_stages: int
 
 
-def _fwd_config(head_dim: int) -> _LaunchConfig:
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> _LaunchConfig:
     if interpreting():  # ~2.5 ms per program x loop step: smallest blocks tl.dot accepts
         return _LaunchConfig(16, 16, 1, 1)
+    if dtype == torch.float32:  # IEEE fp32 dots: 4-byte tiles, FMA path; keep shared memory small
+        return _LaunchConfig(64, 32, 4, 2)
     if head_dim <= 64:
         return _LaunchConfig(128, 64, 4, 3)
     return _LaunchConfig(128, 64, 8, 3)
 
 
-def _bwd_config(head_dim: int) -> _LaunchConfig:
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> _LaunchConfig:
     if interpreting():
         return _LaunchConfig(16, 16, 1, 1)
+    if dtype == torch.float32:
+        return _LaunchConfig(32, 32, 4, 1)
     if head_dim <= 64:
         return _LaunchConfig(64, 64, 4, 2)
     return _LaunchConfig(64, 64, 8, 2)
@@ -413,7 +417,7 @@ def _fwd_launch(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float
     batch = cu_seqlens.numel() - 1
     if n == 0 or batch == 0:
         return out, lse
-    cfg = _fwd_config(d)
+    cfg = _fwd_config(d, q.dtype)
     grid = (triton.cdiv(max_seqlen, cfg.block_m), batch, hq)
     _varlen_attention_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, scale * _LOG2E,
@@ -438,7 +442,7 @@ def _bwd_launch(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     if do.stride(-1) != 1:
         do = do.contiguous()
     flags = _kernel_flags(q)
-    cfg = _bwd_config(d)
+    cfg = _bwd_config(d, q.dtype)
     delta = torch.empty_like(lse)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(n, 64), hq)](
         out, do, delta, n, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),

@@ -77,8 +77,8 @@ def test_triton_low_precision_within_twice_torch_error(dtype, poisoned_alloc):
 def test_unequal_query_and_key_blocks(block_m, block_n, monkeypatch):
     """The GPU configs use BLOCK_M != BLOCK_N; the interpreter's default is 16 x 16, so check both ways."""
     cfg = attn_mod._LaunchConfig(block_m, block_n, 1, 1)
-    monkeypatch.setattr(attn_mod, "_fwd_config", lambda head_dim: cfg)
-    monkeypatch.setattr(attn_mod, "_bwd_config", lambda head_dim: cfg)
+    monkeypatch.setattr(attn_mod, "_fwd_config", lambda head_dim, dtype: cfg)
+    monkeypatch.setattr(attn_mod, "_bwd_config", lambda head_dim, dtype: cfg)
     lengths = [40, 3, 17]
     for causal in (True, False):
         q, k, v, do, cu = _inputs(lengths, 2, 1, 16, torch.float32, seed=6)
