@@ -19,6 +19,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -356,7 +357,9 @@ class Trainer:
                 log.warning("step %d: non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
                             self.step_idx + 1, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
             lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
         with timer("sync"):
             self.sampler.update_weights(self.policy.model, self.step_idx + 1)
         self.step_idx += 1

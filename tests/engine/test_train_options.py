@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from wz_engine.config import load_config
 from wz_engine.train import Trainer
@@ -29,3 +30,37 @@ def test_group_estimators_with_rule_reward_kl_and_dapo(tmp_path, estimator):
     assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 2] and 0 <= samples[0]["reward"] <= 1
+
+
+def test_packed_varlen_attention_matches_sdpa(tmp_path):
+    """The same run through transformers' sdpa (position-id packing) and the wz_varlen attention."""
+    runs = {}
+    for attn in ("sdpa", "wz_varlen"):
+        cfg = load_config(TINY, [f'train.output_dir="{tmp_path / attn}"', "train.steps=2",
+                                 f'model.attn_implementation="{attn}"'])
+        Trainer(cfg).fit()
+        runs[attn] = [json.loads(x) for x in (tmp_path / attn / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["sdpa"], runs["wz_varlen"]):
+        assert a["tokens"] == b["tokens"] and a["reward/mean"] == b["reward/mean"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    import wz_engine.train as train_mod
+
+    cfg = load_config(TINY, [f'train.output_dir="{tmp_path}"', "train.steps=5", "train.max_nonfinite_steps=2"])
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    real = train_mod.accumulate_gradients
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "loss": float("nan")}
+
+    monkeypatch.setattr(train_mod, "accumulate_gradients", poisoned)
+    first = trainer.step()
+    assert first["skipped"] is True
+    assert all(torch.equal(v, before[k]) for k, v in trainer.policy.state_dict().items())  # no update
+    with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
+        trainer.step()
