@@ -133,8 +133,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-DEFAULT_PLOT_KEYS = ("judge/score_mean", "reward/mean", "loss", "response/length_mean", "reward/length_corr", "brpo/skew_drop_rate",
-                     "judge/position_bias", "entropy", "grad_norm", "kl_mean", "tokens_per_s")
+DEFAULT_PLOT_KEYS = ("judge/score_mean", "reward/mean", "loss", "response/length_mean", "reward/length_corr",
+                     "brpo/skew_drop_rate", "judge/position_bias", "entropy", "grad_norm", "kl_mean", "tokens_per_s")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys=DEFAULT_PLOT_KEYS) -> Path:

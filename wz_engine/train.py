@@ -143,6 +143,37 @@ def _seed_for(*keys: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Rollouts:
+    """This rank's groups for one step, with their rewards and advantages (rows prompt-major)."""
+
+    prompts: list = dataclasses.field(default_factory=list)
+    groups: list = dataclasses.field(default_factory=list)
+    """groups[p][j]: Completion j of prompt p."""
+    rows: dict = dataclasses.field(default_factory=lambda: {k: [] for k in _ROW_KEYS})
+    """Per-row tensors [G] per group: rewards, is_ref, adv, in_loss, skew (kept by the skew filter)."""
+    judge_stats: dict = dataclasses.field(default_factory=dict)
+    rounds: int = 0
+
+    def add(self, prompt, group, *row_values) -> None:
+        self.prompts.append(prompt)
+        self.groups.append(group)
+        for key, value in zip(_ROW_KEYS, row_values):
+            self.rows[key].append(value)
+
+    def cat(self, key: str) -> torch.Tensor:
+        return torch.cat(self.rows[key]) if self.rows[key] else torch.zeros(0)
+
+    def prompt_ids(self) -> list[list[int]]:
+        return [list(p.token_ids) for p, g in zip(self.prompts, self.groups) for _ in g]
+
+    def response_ids(self) -> list[list[int]]:
+        return [list(c.token_ids) for g in self.groups for c in g]
+
+
+_ROW_KEYS = ("rewards", "is_ref", "adv", "in_loss", "skew")
+
+
 class Trainer:
     """Holds the run's state; `step()` is the straight line above, `fit()` the loop around it."""
 
@@ -282,53 +313,75 @@ class Trainer:
         return values, in_loss, adv.kept
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self) -> dict:
+    def collect(self, timer: PhaseTimer) -> Rollouts:
+        """Rollout -> rewards -> advantages for this rank's share of the global batch. With DAPO dynamic
+        sampling, groups without signal are dropped and more prompts drawn (all ranks draw together)
+        until every rank has its share or `algorithm.max_sampling_rounds` is reached."""
         cfg, info = self.cfg, self.info
-        timer = PhaseTimer()
-        t0 = time.perf_counter()
-        P_local = cfg.rollout.prompts_per_step // info.world_size
-        kept_prompts, kept_groups, kept = [], [], {"rewards": [], "is_ref": [], "adv": [], "in_loss": [], "skew": []}
-        judge_stats: dict[str, float] = {}
-        rounds = 0
-        if self.sampler.weight_version != self.step_idx:  # first step / resumed: the engine needs the weights
-            with timer("sync"):
-                self.sampler.update_weights(self.policy.model, self.step_idx)
+        P_local, G = cfg.rollout.prompts_per_step // info.world_size, cfg.rollout.group_size
+        got = Rollouts()
         while True:
-            rounds += 1
+            got.rounds += 1
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             local = batch[info.rank * P_local:(info.rank + 1) * P_local]
             with timer("rollout"):
                 groups = self.rollout(local)
             with timer("judge"):
                 rewards, is_ref, stats = self.rewards(local, groups)
-            judge_stats = stats or judge_stats
+            got.judge_stats = stats or got.judge_stats
             with timer("advantage"):
                 adv, in_loss, skew_kept = self.advantages(local, groups, rewards, is_ref)
             keep = torch.ones(len(adv), dtype=torch.bool)
             if cfg.algorithm.dynamic_sampling and len(adv):
-                group_ids = torch.tensor([p.uid for p, g in zip(local, groups) for _ in g])
-                keep = informative_groups(adv, group_ids)
-            G = cfg.rollout.group_size
+                keep = informative_groups(adv, torch.tensor([p.uid for p in local for _ in range(G)]))
             for i, (p, g) in enumerate(zip(local, groups)):
-                if bool(keep[i * G]) and len(kept_prompts) < P_local:
-                    kept_prompts.append(p)
-                    kept_groups.append(g)
+                if bool(keep[i * G]) and len(got.prompts) < P_local:
                     rows = slice(i * G, (i + 1) * G)
-                    for key, t in (("rewards", rewards), ("is_ref", is_ref), ("adv", adv), ("in_loss", in_loss),
-                                   ("skew", skew_kept)):
-                        kept[key].append(t[rows])
+                    got.add(p, g, rewards[rows], is_ref[rows], adv[rows], in_loss[rows], skew_kept[rows])
             if not cfg.algorithm.dynamic_sampling:
                 break
-            short = float(wzdist.all_reduce(float(P_local - len(kept_prompts)), op="max"))
-            if short <= 0 or rounds >= cfg.algorithm.max_sampling_rounds:
+            short = float(wzdist.all_reduce(float(P_local - len(got.prompts)), op="max"))
+            if short <= 0 or got.rounds >= cfg.algorithm.max_sampling_rounds:
                 break
-        self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
-        cat = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in kept.items()}
-        prompt_ids = [list(p.token_ids) for p, g in zip(kept_prompts, kept_groups) for _ in g]
-        response_ids = [list(c.token_ids) for g in kept_groups for c in g]
+        return got
 
+    def update(self, ub, old_lps, ref_lps, temperature: float) -> tuple[dict, float, float, bool]:
+        """Accumulate gradients over the micro-batches, clip, and step (skipped when non-finite).
+        -> (loss metrics, grad norm, learning rate used, whether the step was taken)."""
+        a = self.cfg.algorithm
+        loss_scale = (a.loss_scale or float(self.cfg.rollout.max_new_tokens)) \
+            if a.agg == "seq-mean-token-sum-norm" else None
+        opts = LossOptions(a.clip_low, a.clip_high, a.dual_clip, a.kl_coef, a.kl_estimator, a.agg, loss_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = accumulate_gradients(self.policy, ub, old_lps, ref_lps, self.device, temperature, opts)
+        grad_norm = clip_and_norm(self.policy, self.cfg.optim.grad_clip)
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
+                        self.step_idx + 1, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        return metrics, grad_norm, lr, finite
+
+    def step(self) -> dict:
+        """One training step: the straight line of DESIGN.md section 4."""
+        cfg = self.cfg
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        if self.sampler.weight_version != self.step_idx:  # first step / resumed: the engine needs the weights
+            with timer("sync"):
+                self.sampler.update_weights(self.policy.model, self.step_idx)
+        got = self.collect(timer)
+        self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         with timer("pack"):
-            ub = pack_for_update(prompt_ids, response_ids, cat["adv"], cat["in_loss"].bool(),
+            ub = pack_for_update(got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss").bool(),
                                  cfg.train.micro_batch_tokens, self.tokenizer.pad_token_id)
         temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.policy.train()
@@ -337,29 +390,10 @@ class Trainer:
             ref_lps = packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
         tis = {}
         if self._use_tis():
-            engine = [torch.tensor(c.logprobs, dtype=torch.float32) for g in kept_groups for c in g]
-            tis = apply_rollout_correction(ub, old_lps, engine, self.cfg.rollout.vllm.is_correction_cap)
+            engine = [torch.tensor(c.logprobs, dtype=torch.float32) for g in got.groups for c in g]
+            tis = apply_rollout_correction(ub, old_lps, engine, cfg.rollout.vllm.is_correction_cap)
         with timer("update"):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_opts = LossOptions(cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.dual_clip,
-                                    cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.agg,
-                                    (cfg.algorithm.loss_scale or float(cfg.rollout.max_new_tokens))
-                                    if cfg.algorithm.agg == "seq-mean-token-sum-norm" else None)
-            metrics = accumulate_gradients(self.policy, ub, old_lps, ref_lps, self.device, temperature, loss_opts)
-            grad_norm = clip_and_norm(self.policy, cfg.optim.grad_clip)
-            finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
-            if finite:
-                self.optimizer.step()
-                self.nonfinite_in_a_row = 0
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
-                            self.step_idx + 1, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
-            lr = self.scheduler.get_last_lr()[0]
-            with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                self.scheduler.step()
+            metrics, grad_norm, lr, finite = self.update(ub, old_lps, ref_lps, temperature)
         with timer("sync"):
             self.sampler.update_weights(self.policy.model, self.step_idx + 1)
         self.step_idx += 1
@@ -367,11 +401,12 @@ class Trainer:
             raise RuntimeError(f"aborting: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
                                f"gradient (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); "
                                "lower optim.lr or check the rewards")
-        if kept_groups:
-            self.last_sample = {"prompt": kept_prompts[0].text, "response": kept_groups[0][0].text,
-                                "reward": float(cat["rewards"][0]), "advantage": float(cat["adv"][0])}
-        out = self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, kept_groups,
-                                 judge_stats, rounds)
+        if got.groups:
+            self.last_sample = {"prompt": got.prompts[0].text, "response": got.groups[0][0].text,
+                                "reward": float(got.cat("rewards")[0]), "advantage": float(got.cat("adv")[0])}
+        cat = {k: got.cat(k) for k in ("rewards", "skew")}
+        out = self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, got.groups,
+                                 got.judge_stats, got.rounds)
         return {**out, **tis}
 
     def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
