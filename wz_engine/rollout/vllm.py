@@ -29,12 +29,14 @@ token id -> Logprob with `.logprob`). TRL 1.16 (trl/generation/vllm_generation.p
 wake-weights / load_weights / reset_prefix_cache / wake-kv order through
 `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`; we use the public
 `LLM.apply_model` instead. tests/engine/test_vllm_conformance.py checks the installed vllm against
-`VLLM_API` (skipped where vllm is absent).
+`VLLM_API` (skipped where vllm is absent); it passed on vllm 0.28.0, 0.31.0 and 0.32.0 (Python API
+only, in a throwaway CPU venv: no engine was built, nothing here has run on a GPU yet).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,8 @@ VLLM_API: dict[str, tuple[str, ...]] = {
                        "skip_special_tokens"),
     "LoRARequest": ("lora_name", "lora_int_id", "lora_path"),
 }
+
+log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 JUDGE_LORA_NAME = "wz_judge"
@@ -198,6 +202,8 @@ class VLLMSampler:
         self.weights_discarded = False
         self.last_sync = stats
         self.sync_count += 1
+        log.info("weight sync v%d: %.1f MB in %d bucket(s), %.3f s (%.2f GB/s; load %.3f s)", self.weight_version,
+                 stats.nbytes / 1e6, stats.buckets, stats.seconds, stats.gbps, stats.load_seconds)
         self._wake(["kv_cache"])
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
