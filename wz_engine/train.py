@@ -28,7 +28,7 @@ import torch
 
 from wz_engine import checkpoint as ckpt
 from wz_engine import distributed as wzdist
-from wz_engine.config import RunConfig, load_config
+from wz_engine.config import ConfigError, RunConfig, load_config
 from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
 from wz_engine.metrics import MetricsLogger, PhaseTimer, reward_monitors
 from wz_engine.rewards.advantages import compute_advantages, loss_rows
@@ -556,7 +556,11 @@ def build_parser(prog: str = "wz train") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # a user error: the message names the key, no traceback needed
+        print(f"wz train: config error: {e}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, resume=args.resume)
     try:
         last = trainer.fit()

@@ -26,3 +26,8 @@ def test_train_help_exits_zero():
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
+
+
+def test_config_error_is_a_message_not_a_traceback(capsys):
+    assert main(["train", "wz_engine/demo/demo_cpu.toml", "--set", "optim.lrr=1"]) == 2
+    assert "config error: optim.lrr: unknown key; did you mean 'optim.lr'?" in capsys.readouterr().err
