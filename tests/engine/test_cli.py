@@ -29,5 +29,7 @@ def test_train_help_exits_zero():
 
 
 def test_config_error_is_a_message_not_a_traceback(capsys):
-    assert main(["train", "wz_engine/demo/demo_cpu.toml", "--set", "optim.lrr=1"]) == 2
+    from wz_engine.demo.run import DEMO_CONFIG
+
+    assert main(["train", str(DEMO_CONFIG), "--set", "optim.lrr=1"]) == 2
     assert "config error: optim.lrr: unknown key; did you mean 'optim.lr'?" in capsys.readouterr().err
