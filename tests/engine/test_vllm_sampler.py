@@ -265,29 +265,38 @@ def test_standin_catches_waking_weights_after_the_sync(tmp_path):
     assert not _engine_equals(sampler, model)
 
 
-def test_generate_refuses_stale_sleeping_or_missing_weights(tmp_path):
+def test_generate_refuses_discarded_or_missing_weights(tmp_path):
     sampler = _sampler(tmp_path, sleep_level=2, load_format="dummy")
-    with pytest.raises(RuntimeError, match="asleep"):
+    assert sampler.weight_version == -1  # the trainer's `weight_version != step` check triggers a sync
+    with pytest.raises(RuntimeError, match="no valid weights"):
         sampler.generate([[1]], PARAMS)
-    with pytest.raises(RuntimeError, match="level-2"):
+    with pytest.raises(RuntimeError, match="no valid weights"):
         sampler.wake_up()
     model = TrainerModel(2)
     sampler.update_weights(model, 7)
     sampler.sleep()
+    assert sampler.weight_version == -1
     with pytest.raises(RuntimeError, match="update_weights"):
-        sampler.wake_up()
+        sampler.generate([[1]], PARAMS)
     sampler.update_weights(model, 8)
     groups = sampler.generate([[1]], PARAMS)
     with pytest.raises(RuntimeError, match="version 8.*version 9"):
         assert_weight_version(groups, 9)
 
-    (tmp_path / "l1").mkdir()
-    lvl1 = _sampler(tmp_path / "l1", sleep_level=1)
-    lvl1.update_weights(model, 3)
-    lvl1.sleep()
-    lvl1.wake_up()  # level 1: the host copy is the last synced version: valid
-    assert _engine_equals(lvl1, model)
-    assert_weight_version(lvl1.generate([[1]], PARAMS), 3)
+
+def test_level1_sleep_keeps_weights_and_generate_wakes(tmp_path):
+    sampler = _sampler(tmp_path, sleep_level=1)
+    assert sampler.weight_version == -1  # disk weights are usable but carry no version: sync first
+    sampler.wake_up()
+    assert_weight_version(sampler.generate([[1]], PARAMS), -1)
+    model = TrainerModel(2)
+    sampler.update_weights(model, 3)
+    sampler.sleep()
+    assert sampler.weight_version == 3
+    groups = sampler.generate([[1]], PARAMS)  # wakes both tags: the host copy is the last synced version
+    assert sampler.llm.calls[-3:] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",)), ("generate", None)]
+    assert _engine_equals(sampler, model)
+    assert_weight_version(groups, 3)
 
 
 def test_sampling_params_seeds_and_logprobs(tmp_path):
@@ -375,6 +384,7 @@ def test_swap_judge_bookkeeping(tmp_path):
         judge.generate([[2]], PARAMS)  # same step: no second push
         assert judge.swaps == step and sampler.serving == "judge"
         assert verdicts[0][0].weight_version == 0 and rollouts != verdicts
+        assert sampler.weight_version == -1  # the policy is not in the engine: the trainer must sync
         with pytest.raises(RuntimeError, match="judge's weights"):
             sampler.generate([[1]], PARAMS)
         sampler.sleep()

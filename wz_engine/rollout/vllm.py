@@ -11,7 +11,9 @@ spawning workers. The step's call sequence, and why each call is where it is:
                                bucketed push -> model.load_weights (never a reload from disk)
                                llm.reset_prefix_cache()        # no KV computed with the old weights
                                torch.cuda.empty_cache(); llm.wake_up(tags=["kv_cache"])
-    generate(...)              refuses to run on stale or judge weights; every Completion carries v
+    generate(...)              wakes a level-1 sleep; refuses discarded or judge weights; every
+                               Completion carries v (weight_version is -1 whenever the engine holds
+                               no policy weights, so `weight_version != step` tells the trainer to sync)
     judge_sampler().generate   "self": same engine; "lora": LoRARequest; "swap": judge weights pushed
                                from pinned host buckets (the next update_weights restores the policy)
     sleep()                    llm.sleep(level=sleep_level)
@@ -168,11 +170,15 @@ class VLLMSampler:
         self.syncer = WeightSyncer(config.bucket_size_bytes, self.device)
         self.llm = self.api.LLM(**engine_kwargs(config, model_path, config.seed + self.dp_rank, tokenizer_path))
 
-        # State. weight_version: what the engine serves (-1: nothing usable); serving: whose weights.
-        self.weight_version = -1 if config.load_format == "dummy" else 0
+        # State. weight_version: version of the POLICY weights the engine holds, -1 when it holds none
+        # (dummy load, level-2 sleep, judge swapped in): the trainer syncs whenever it differs from its
+        # step. serving: whose weights the engine holds. weights_valid: False after a level-2 sleep.
+        # The checkpoint the engine loaded counts as no version: the trainer's first sync (< 1 s) is
+        # cheaper than proving that the disk weights equal the trainer's initial ones.
+        self.weights_valid = config.load_format != "dummy"
+        self.weight_version = -1
         self.serving = "policy"
         self.asleep: set[str] = set()  # subset of {"weights", "kv_cache"}
-        self.weights_discarded = False  # level-2 sleep: the engine holds no valid weights
         self.last_sync: SyncStats | None = None
         self.last_swap: SyncStats | None = None
         self.sync_count = 0
@@ -199,7 +205,7 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
         self.serving = "policy"
-        self.weights_discarded = False
+        self.weights_valid = True
         self.last_sync = stats
         self.sync_count += 1
         log.info("weight sync v%d: %.1f MB in %d bucket(s), %.3f s (%.2f GB/s; load %.3f s)", self.weight_version,
@@ -207,9 +213,8 @@ class VLLMSampler:
         self._wake(["kv_cache"])
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        if self.serving != "policy":
-            raise RuntimeError("generate: the engine holds the judge's weights (swap mode); call update_weights "
-                               "to restore the policy before sampling rollouts")
+        """Rollouts from the policy weights; wakes a level-1 sleeping engine, refuses anything stale."""
+        self._ready("policy")
         return self._generate(prompt_ids, params, lora_request=None)
 
     def sleep(self) -> None:
@@ -219,14 +224,16 @@ class VLLMSampler:
         self.llm.sleep(level=self.config.sleep_level)
         self.asleep = {"weights", "kv_cache"}
         if self.config.sleep_level == 2:
-            self.weights_discarded = True
+            self.weights_valid = False
+            self.weight_version = -1
             if self._judge is not None:
                 self._judge.on_weights_discarded()
 
     def wake_up(self) -> None:
         """Wake weights and KV cache without a sync (only valid after a level-1 sleep)."""
-        if self.weights_discarded:
-            raise RuntimeError("wake_up: a level-2 sleep discarded the weights; call update_weights instead")
+        if not self.weights_valid:
+            raise RuntimeError("wake_up: the engine holds no valid weights (level-2 sleep or dummy load); "
+                               "call update_weights instead")
         self._wake(["weights"])
         self._wake(["kv_cache"])
 
@@ -265,15 +272,18 @@ class VLLMSampler:
         # One call per bucket. vLLM maps HF names onto its (fused) parameters and copies.
         self.llm.apply_model(lambda model: model.load_weights(weights))
 
-    def _check_ready(self) -> None:
+    def _ready(self, serving: str) -> None:
+        """Raise unless the engine holds valid `serving` weights; wake it if it sleeps (level 1)."""
+        if not self.weights_valid:
+            raise RuntimeError("generate: the engine holds no valid weights (level-2 sleep or dummy load); "
+                               "call update_weights first")
+        if self.serving != serving:
+            raise RuntimeError(f"generate: the engine holds the {self.serving}'s weights, not the {serving}'s; "
+                               "call update_weights to restore the policy")
         if self.asleep:
-            raise RuntimeError(f"generate: the engine is asleep ({sorted(self.asleep)}); call update_weights "
-                               "(or wake_up after a level-1 sleep) first")
-        if self.weights_discarded or self.weight_version < 0:
-            raise RuntimeError("generate: the engine holds no valid weights; call update_weights first")
+            self.wake_up()
 
     def _generate(self, prompt_ids, params: SamplingParams, lora_request, version: int | None = None):
-        self._check_ready()
         prompt_ids = [list(p) for p in prompt_ids]
         local_count = len(prompt_ids)
         if self._tp_group is not None:
@@ -363,8 +373,7 @@ class _LoRAJudge(_JudgeState):
         self.request = self._make_request()
 
     def generate(self, prompt_ids, params: SamplingParams) -> list[list[Completion]]:
-        if self.sampler.serving != "policy":
-            raise RuntimeError("judge generate: the engine does not hold the policy base weights")
+        self.sampler._ready("policy")  # the adapter applies over the policy's base weights
         return self.sampler._generate(prompt_ids, params, lora_request=self.request)
 
 
@@ -440,7 +449,9 @@ class _SwapJudge(_JudgeState):
             s.syncer.release()
             s.llm.reset_prefix_cache()
             s.serving = "judge"
-            s.weights_discarded = False
+            s.weights_valid = True
+            s.weight_version = -1  # the policy is no longer in the engine
             self.swaps += 1
             s._wake(["kv_cache"])
+        s._ready("judge")
         return s._generate(prompt_ids, params, lora_request=None, version=self.weight_version)
