@@ -6,8 +6,14 @@
 Only the training loss changes. TRL runs the policy through its LM head in chunks to get per-token
 log-probabilities [B, T], then evaluates the clipped objective in torch. `WZGRPOTrainer` runs the backbone
 once, takes the last hidden states of the scored completion tokens [N, H] and the LM head weight [V, H]
-(the same route TRL's fused LM head takes), and hands them to `wz_kernels.fused_linear_policy_loss`: log-
-probabilities, the clipped objective and the KL in one tiled pass, the [N, V] logits never in memory.
+(the same route TRL's fused LM head takes), and hands them to the fused kernels; the [N, V] logits never
+exist. With old log-probabilities and beta = 0 that is one `fused_linear_policy_loss` pass (gradients formed
+in the forward, no recompute); on-policy (TRL's default: old = current, detached) or with beta > 0 it is
+`fused_linear_logprobs` (chunked, differentiable) followed by `policy_loss` and TRL's KL on [N] vectors.
+
+Precision: under `bf16=True` (TRL's default) TRL autocasts its LM head to bf16; ours computes the head in the
+weight's dtype (fp32 master weights -> fp32 logits), so the two agree to bf16 rounding; with fp32 they agree
+to fp32 rounding (tests/engine/test_integration_trl.py).
 
 Everything else stays TRL's and is untouched: generation, rewards, advantages (`scale_rewards`,
 `multi_objective_aggregation`: TRL's nan-aware statistics with its 1e-4 epsilon, which our
