@@ -66,10 +66,12 @@ class ChunkPlan:
     """Dtype of logprobs / entropy (float64 only for the upcast reference)."""
 
 
-# Logits-tile budget in elements. CPU: 2^22 fp32 = 16 MB keeps the tile in the last-level cache
-# neighbourhood and the whole forward+backward far below N x V (the memory-ceiling test). GPU: 2^27
+# Logits-tile budget in elements. CPU: 2^24 fp32 = 64 MB (C = 524 at V = 32000): each chunk re-reads
+# the V x H weight three times and read-modify-writes the d weight accumulator, so smaller tiles are
+# memory-bound (C = 64 costs ~2x the CPU time of C = 512 at H = 256), while the peak stays ~100 MB,
+# far below N x V (the memory-ceiling test: ~1.5 GB naive). GPU: 2^27
 # elements (256 MB in bf16) keeps M = C large enough for full-rate GEMMs at a 152k vocabulary.
-_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+_TILE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 
 def _plan(hidden, weight, chunk_size, grad_accum_dtype, *, upcast: bool, reference: bool) -> ChunkPlan:
@@ -181,6 +183,35 @@ def _tile_bwd_reference(logits, targets, lse, entropy, g_logp, g_entropy, inv_te
     if z is not logits:
         logits.copy_(z)
     return logits
+
+
+def _tile_probs_reference(logits, targets, inv_temp: float, ignore_index: int):
+    """Fused-loss forward on a float32/64 tile: logp [C], lse [C]; the tile is overwritten with p = softmax(z).
+
+    The policy loss needs d logits = g (onehot - p) / T right after the forward of the same tile, so
+    leaving p in place saves both a [C, V] copy and the recompute of exp.
+    """
+    z = logits
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)
+    z_t = z.gather(1, safe_t[:, None])[:, 0]
+    s0 = z.exp_().sum(dim=1, keepdim=True)
+    z.div_(s0)  # now p
+    log_s0 = s0[:, 0].log()
+    logp = torch.where(valid, z_t - log_s0, torch.zeros((), dtype=z.dtype))
+    return logp, log_s0 + m[:, 0]
+
+
+def _tile_bwd_from_probs_reference(probs, targets, g_logp, inv_temp: float, ignore_index: int):
+    """Overwrite probs [C,V] with d loss / d logits = g (onehot - p) / T (upstream g_logp [C])."""
+    valid = targets != ignore_index
+    g = torch.where(valid, g_logp.to(probs.dtype) * inv_temp, 0.0)[:, None]
+    probs.mul_(-g).scatter_add_(1, torch.where(valid, targets, 0)[:, None], g)
+    return probs
 
 
 # ============================================================================ Triton tile epilogues
@@ -563,10 +594,17 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         terms_impl = "triton" if use_triton else "reference"
         totals = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=hidden.device)
 
-        def chunk_terms(s, e, *, keep_tile):
+        # the torch path leaves p in the tile (no copy, no recompute); the Triton path reads the tile
+        # twice (its forward epilogue does not write it)
+        probs_in_tile = not use_triton and plan.compute_dtype in (torch.float32, torch.float64)
+
+        def chunk_terms(s, e):
             h_c, logits = chunks.logits(s, e)
             t_c = targets[s:e]
-            lp, _, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, False, use_triton, not keep_tile)
+            if probs_in_tile:
+                lp, lse = _tile_probs_reference(logits, t_c, inv_t, ignore_index)
+            else:
+                lp, _, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, False, use_triton, False)
             ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
             _, g_c, stats = token_loss_terms(
                 lp, old_logprobs[s:e], advantages[s:e], mask[s:e], weights[s:e], ref_logprobs=ref_c,
@@ -577,8 +615,11 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
         if need_h or need_w or need_b:
             def dlogits_of(s, e):
-                h_c, logits, t_c, lse, g_c = chunk_terms(s, e, keep_tile=True)
-                _tile_bwd(logits, t_c, lse, None, g_c, None, inv_t, ignore_index, use_triton)
+                h_c, logits, t_c, lse, g_c = chunk_terms(s, e)
+                if probs_in_tile:
+                    _tile_bwd_from_probs_reference(logits, t_c, g_c, inv_t, ignore_index)
+                else:
+                    _tile_bwd(logits, t_c, lse, None, g_c, None, inv_t, ignore_index, use_triton)
                 return h_c, logits
 
             grads = _backward_sweep(
@@ -587,7 +628,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             )
         else:
             for s, e in chunks.ranges():
-                chunk_terms(s, e, keep_tile=False)
+                chunk_terms(s, e)
             grads = (None, None, None)
         ctx.grads = grads
         ctx.mark_non_differentiable(totals)
