@@ -107,17 +107,22 @@ def gathered_for_generation(root: torch.nn.Module):
     Ranks then decode with no collectives at all, so they can run different numbers of decode steps
     (different prompts stop at different lengths) without deadlocking. Costs the full unsharded
     weights in memory for the duration, which is what the `hf` sampler is for (small models).
+    Collective on entry and exit (all ranks enter together); nested entries are no-ops, so the
+    trainer holds it around the whole rollout + judge phase and a rank may then make any number of
+    generate calls (e.g. a GenRM that skips over-long judge prompts).
     """
     modules = fsdp_modules(root)
-    if not modules:
+    if not modules or getattr(root, "_wz_gathered", False):  # nothing sharded, or already gathered
         yield
         return
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    root._wz_gathered = True
     try:
         yield
     finally:
+        root._wz_gathered = False
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)

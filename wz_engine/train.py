@@ -11,6 +11,7 @@ Plain `python -m wz_engine.train run.toml` runs the same code at world size 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -378,7 +379,11 @@ class Trainer:
         if self.sampler.weight_version != self.step_idx:  # first step / resumed: the engine needs the weights
             with timer("sync"):
                 self.sampler.update_weights(self.policy.model, self.step_idx)
-        got = self.collect(timer)
+        # hf sampler under FSDP2: gather the shards once for rollout + judge (collective-free inside).
+        gather = wzdist.gathered_for_generation(self.policy) if cfg.rollout.sampler == "hf" \
+            else contextlib.nullcontext()
+        with gather:
+            got = self.collect(timer)
         self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         with timer("pack"):
             ub = pack_for_update(got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss").bool(),

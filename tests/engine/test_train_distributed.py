@@ -47,3 +47,12 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     # One checkpoint at the end, written by both ranks.
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000003"
     assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
+
+
+def test_hf_sampler_on_fsdp2_generates_without_collectives(tmp_path):
+    worker = Path(__file__).with_name("fsdp_generate_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"rank": rank, "same": True}

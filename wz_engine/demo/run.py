@@ -31,15 +31,15 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
     try:
         trainer.fit()
         train_s = time.perf_counter() - start
-        if not trainer.info.is_main:
-            return {}
-        # The initial policy is rebuilt from the same config and seed: bit-identical to step 0.
-        _, initial_lm = build_tokenizer_and_model(cfg, Path(cfg.train.output_dir))
-        judge = build_reward_source(cfg, None, trainer.tokenizer, "cpu", None)
-        r = cfg.rollout
-        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, n=eval_samples)
-        with wzdist.gathered_for_generation(trainer.policy):
+        with wzdist.gathered_for_generation(trainer.policy):  # every rank gathers; rank 0 evaluates
+            if not trainer.info.is_main:
+                return {}
+            # The initial policy is rebuilt from the same config and seed: bit-identical to step 0.
+            _, initial_lm = build_tokenizer_and_model(cfg, Path(cfg.train.output_dir))
+            judge = build_reward_source(cfg, None, trainer.tokenizer, "cpu", None)
+            r = cfg.rollout
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                    top_k=r.top_k, n=eval_samples)
             result = pairwise_win_rate(HFSampler(trainer.policy.model, trainer.tokenizer),
                                        HFSampler(initial_lm, trainer.tokenizer), judge,
                                        trainer.holdout_prompts, params)

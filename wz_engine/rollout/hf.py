@@ -86,6 +86,9 @@ class HFSampler:
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=self._generation_config(params, stop_ids),
+                    # transformers turns this on for FSDP modules (an all-reduce per decode step so
+                    # ranks stop together); with the shards gathered, each rank decodes on its own.
+                    synced_gpus=False,
                 )
         finally:
             self.model.train(was_training)
