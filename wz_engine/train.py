@@ -501,9 +501,21 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
-        if self.cfg.checkpoint.export_at_end and self.info.is_main:
-            export_model(self.policy.model, self.tokenizer, self.out / "export")
+        if self.cfg.checkpoint.export_at_end:
+            self.export(self.out / "export")
         return last
+
+    def export(self, out_dir: str | Path) -> Path:
+        """HF export of the current policy (collective: full weights gathered to rank 0 on CPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.is_main:
+            prefix = "model."
+            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            export_model(self.policy.model, self.tokenizer, out_dir, state_dict=state)
+        wzdist.barrier()
+        return Path(out_dir)
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -519,11 +531,12 @@ def _truncate_metrics(out: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def export_model(lm, tokenizer, out_dir: str | Path) -> Path:
-    """HF format: safetensors + config + tokenizer, loadable by transformers and vLLM."""
+def export_model(lm, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """HF format: safetensors + config + tokenizer, loadable by transformers and vLLM.
+    `state_dict` (full tensors) replaces the module's own, e.g. when the module is FSDP-sharded."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(str(out_dir), safe_serialization=True)
+    lm.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
 

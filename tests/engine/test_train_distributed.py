@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from wz_engine.train import main as train_main
 
@@ -25,7 +26,7 @@ def _metrics(run_dir):
 
 
 def test_two_process_fsdp_matches_one_process(tmp_path):
-    overrides = ["--set", "train.steps=3"]
+    overrides = ["--set", "train.steps=3", "--set", "checkpoint.export_at_end=true"]
     # World size 1 in this process (plain python, no process group), world size 2 under torchrun.
     assert train_main([str(TINY), *overrides, "--set", f'train.output_dir="{tmp_path / "one"}"']) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -47,6 +48,13 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     # One checkpoint at the end, written by both ranks.
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000003"
     assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
+    # The HF export gathers the FSDP shards: the same weights as the 1-process run's export.
+    from safetensors.torch import load_file
+
+    one_w, two_w = (load_file(str(tmp_path / d / "export" / "model.safetensors")) for d in ("one", "two"))
+    assert one_w.keys() == two_w.keys() and len(one_w) > 0
+    for k in one_w:
+        torch.testing.assert_close(one_w[k], two_w[k], rtol=1e-4, atol=1e-5)
 
 
 def test_hf_sampler_on_fsdp2_generates_without_collectives(tmp_path):
