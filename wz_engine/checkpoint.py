@@ -122,6 +122,26 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return trainer
 
 
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load only the model weights of checkpoint `path` into an unsharded `model`, matching names
+    modulo a peft adapter that was injected when it was saved (a LoRA judge: `x.base_layer.weight`
+    in the checkpoint is `x.weight` here; the adapter's `lora_*` entries are not read)."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(Path(path) / "model_optim")).read_metadata().state_dict_metadata
+    saved_names = {k[len("model."):]: k[len("model."):] for k in saved if k.startswith("model.")}
+    by_plain = {".".join(p for p in name.split(".") if p != "base_layer"): name
+                for name in saved_names if not any(p.startswith("lora_") for p in name.split("."))}
+    state = model.state_dict()
+    missing = [name for name in state if name not in by_plain]
+    if missing:
+        raise ValueError(f"checkpoint {path}: no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    request = {by_plain[name]: tensor for name, tensor in state.items()}
+    with _single_process_ok():
+        dcp.load({"model": request}, checkpoint_id=str(Path(path) / "model_optim"))
+    # dcp.load fills the tensors in place; tied weights share storage and are filled once.
+
+
 @contextlib.contextmanager
 def _single_process_ok():
     """DCP warns when there is no process group; world size 1 without one is a supported mode here."""

@@ -19,21 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-try:  # owned by the GenRM issue; optional so the trainer config loads without it
-    from wz_engine.judge.config import GenRMConfig
-except ImportError:  # pragma: no cover
-
-    @dataclass
-    class GenRMConfig:  # type: ignore[no-redef]
-        """Placeholder while wz_engine.judge.config is missing."""
-
-try:  # owned by the vLLM issue; importable without vllm installed
-    from wz_engine.rollout.vllm_config import VLLMConfig
-except ImportError:  # pragma: no cover
-
-    @dataclass
-    class VLLMConfig:  # type: ignore[no-redef]
-        """Placeholder while wz_engine.rollout.vllm_config is missing."""
+from wz_engine.judge.config import GenRMConfig
+from wz_engine.rollout.vllm_config import VLLMConfig  # importable without vllm installed
 
 
 class ConfigError(ValueError):
@@ -118,7 +105,8 @@ class RolloutConfig:
     """Sample each prompt alone, seeded by (train.seed, step, prompt uid): samples then do not depend
     on the world size or on batching (slower: one generate call per prompt)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    """Engine settings when sampler = "vllm"."""
+    """Engine settings when sampler = "vllm". Its judge_mode / judge_lora_path / judge_checkpoint
+    are derived from `judge.genrm` when judge.kind = "genrm" (see JudgeConfig.genrm)."""
 
 
 @dataclass
@@ -133,7 +121,11 @@ class JudgeConfig:
     """HF directory of an AutoModelForSequenceClassification reward model (kind="scalar_rm")."""
     scalar_rm_batch_size: int = 16
     genrm: GenRMConfig = field(default_factory=GenRMConfig)
-    """GenRM settings when kind = "genrm" (see wz_engine/judge/config.py)."""
+    """GenRM settings when kind = "genrm" (see wz_engine/judge/config.py). `genrm.votes` is shared
+    with `algorithm.votes` (see there). `genrm.weight_sharing` is the one user-facing choice of the
+    judge's weights on both samplers: with rollout.sampler = "vllm" it sets `rollout.vllm.judge_mode`
+    ("self" -> "self", "lora" -> "lora" with judge_lora_path = genrm.lora_path, "checkpoint" ->
+    "swap" with judge_checkpoint = genrm.checkpoint_path); leave the rollout.vllm judge keys unset."""
 
 
 @dataclass
@@ -141,7 +133,9 @@ class AlgorithmConfig:
     estimator: Literal["brpo", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = "brpo"
     """Advantage estimator. "brpo" needs a pairwise judge; the others take any scalar reward."""
     votes: int = 1
-    """BRPO: judge calls per order; a rollout wins only by winning all 2 x votes comparisons."""
+    """BRPO: judge calls per order; a rollout wins only by winning all 2 x votes comparisons.
+    With judge.kind = "genrm" this and `judge.genrm.votes` are one setting: 1 counts as unset, so
+    setting either one sets both (validate() copies it over); two different values > 1 are an error."""
     inconsistent: Literal["lose", "tie"] = "lose"
     """BRPO: a rollout that wins some but not all comparisons scores -1 ("lose") or 0 ("tie")."""
     skew_threshold: float = 0.6
@@ -281,7 +275,49 @@ class RunConfig:
             bad("train.steps", f"must be >= 0, got {self.train.steps}")
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             bad("algorithm.overlong_buffer", "must be smaller than rollout.max_new_tokens")
+        if self.judge.kind == "genrm":
+            self._unify_votes()
+            if self.rollout.sampler == "vllm":
+                self._derive_vllm_judge_mode()
         return self
+
+    def _unify_votes(self) -> None:
+        """algorithm.votes and judge.genrm.votes are one setting (1 = unset): both take the value set."""
+        a, g = self.algorithm.votes, self.judge.genrm.votes
+        if a == g:
+            return
+        if a > 1 and g > 1:
+            raise ConfigError(f"algorithm.votes = {a} and judge.genrm.votes = {g} disagree: they are one setting "
+                              "(judge samples per pair and order); set only one of them")
+        votes = max(a, g)
+        self.algorithm.votes = votes
+        self.judge.genrm = dataclasses.replace(self.judge.genrm, votes=votes)
+
+    def _derive_vllm_judge_mode(self) -> None:
+        """rollout.vllm.judge_mode (+ its path) from judge.genrm.weight_sharing; explicit contradictions
+        are errors naming both keys."""
+        g, v = self.judge.genrm, self.rollout.vllm
+        mode, path_key, path = {"self": ("self", None, None),
+                                "lora": ("lora", "judge_lora_path", g.lora_path),
+                                "checkpoint": ("swap", "judge_checkpoint", g.checkpoint_path)}[g.weight_sharing]
+        if v.judge_mode not in ("self", mode):
+            raise ConfigError(f"rollout.vllm.judge_mode = {v.judge_mode!r} contradicts judge.genrm.weight_sharing = "
+                              f"{g.weight_sharing!r} (which implies {mode!r}): set only judge.genrm.weight_sharing "
+                              "(\"lora\" -> vllm \"lora\", \"checkpoint\" -> vllm \"swap\")")
+        genrm_key = {"judge_lora_path": "judge.genrm.lora_path", "judge_checkpoint": "judge.genrm.checkpoint_path"}
+        for key in ("judge_lora_path", "judge_checkpoint"):
+            explicit = getattr(v, key)
+            if explicit is not None and (key != path_key or explicit != path):
+                wanted = f"{genrm_key[key]} = {path!r}" if key == path_key else \
+                    f"judge.genrm.weight_sharing = {g.weight_sharing!r}"
+                raise ConfigError(f"rollout.vllm.{key} = {explicit!r} contradicts {wanted}: set the judge's "
+                                  f"weights under judge.genrm only")
+        changes = {"judge_mode": mode, **({path_key: path} if path_key else {})}
+        try:
+            self.rollout.vllm = dataclasses.replace(v, **changes)
+        except ValueError as e:  # e.g. "swap" needs enable_sleep_mode
+            raise ConfigError(f"rollout.vllm (judge_mode {mode!r} from judge.genrm.weight_sharing = "
+                              f"{g.weight_sharing!r}): {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -269,14 +269,31 @@ class Trainer:
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, n=r.group_size, return_logprobs=self._use_tis())
 
+    def hf_model(self) -> torch.nn.Module:
+        """The HF causal LM inside the FusedHeadCausalLM wrapper (FSDP2-sharded or not): what the
+        sampler syncs from, since vLLM's `load_weights` takes HF parameter names (no "model." prefix)."""
+        return self.policy.model
+
+    def sync_weights(self, version: int, timer: PhaseTimer | None = None) -> None:
+        """Push the policy into the sampler tagged `version` (collective with vLLM under FSDP2)."""
+        with timer("sync") if timer is not None else contextlib.nullcontext():
+            self.sampler.update_weights(self.hf_model(), version)
+
     def rollout(self, prompts) -> list[list]:
         """Completions [P_local][G]. With `rollout.seed_per_prompt` every prompt is sampled alone with a
-        seed from (seed, step, uid): the samples then do not depend on the world size or batching."""
+        seed from (seed, step, uid): the samples then do not depend on the world size or batching.
+        vLLM: the completions must carry the trainer's weight version (a stale engine is an error)."""
         params = self._sampling_params()
         if not self.cfg.rollout.seed_per_prompt:
-            return self.sampler.generate([p.token_ids for p in prompts], params)
-        return [self.sampler.generate([p.token_ids], dataclasses.replace(
-            params, seed=_seed_for(self.cfg.train.seed, self.step_idx, p.uid)))[0] for p in prompts]
+            groups = self.sampler.generate([p.token_ids for p in prompts], params)
+        else:
+            groups = [self.sampler.generate([p.token_ids], dataclasses.replace(
+                params, seed=_seed_for(self.cfg.train.seed, self.step_idx, p.uid)))[0] for p in prompts]
+        if self.cfg.rollout.sampler == "vllm" and self.cfg.rollout.vllm.check_weight_version:
+            from wz_engine.rollout.vllm import assert_weight_version
+
+            assert_weight_version(groups, self.step_idx)
+        return groups
 
     def rewards(self, prompts, groups) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> rewards [B], is_reference [B] bool, judge stats."""
@@ -325,6 +342,9 @@ class Trainer:
             got.rounds += 1
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             local = batch[info.rank * P_local:(info.rank + 1) * P_local]
+            if self.sampler.weight_version != self.step_idx:
+                # first step / resumed, or a swapped-in vLLM judge replaced the policy between rounds
+                self.sync_weights(self.step_idx, timer)
             with timer("rollout"):
                 groups = self.rollout(local)
             with timer("judge"):
@@ -376,9 +396,6 @@ class Trainer:
         cfg = self.cfg
         timer = PhaseTimer()
         t0 = time.perf_counter()
-        if self.sampler.weight_version != self.step_idx:  # first step / resumed: the engine needs the weights
-            with timer("sync"):
-                self.sampler.update_weights(self.policy.model, self.step_idx)
         # hf sampler under FSDP2: gather the shards once for rollout + judge (collective-free inside).
         gather = wzdist.gathered_for_generation(self.policy) if cfg.rollout.sampler == "hf" \
             else contextlib.nullcontext()
@@ -399,8 +416,7 @@ class Trainer:
             tis = apply_rollout_correction(ub, old_lps, engine, cfg.rollout.vllm.is_correction_cap)
         with timer("update"):
             metrics, grad_norm, lr, finite = self.update(ub, old_lps, ref_lps, temperature)
-        with timer("sync"):
-            self.sampler.update_weights(self.policy.model, self.step_idx + 1)
+        self.sync_weights(self.step_idx + 1, timer)
         self.step_idx += 1
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise RuntimeError(f"aborting: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
@@ -412,7 +428,8 @@ class Trainer:
         cat = {k: got.cat(k) for k in ("rewards", "skew")}
         out = self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, got.groups,
                                  got.judge_stats, got.rounds)
-        return {**out, **tis}
+        last_sync = getattr(self.sampler, "last_sync", None)  # vLLM: seconds, GB/s, bytes of the push
+        return {**out, **tis, **(last_sync.as_log() if last_sync is not None else {})}
 
     def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
         lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
@@ -531,18 +548,42 @@ def _truncate_metrics(out: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def policy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's own HF names from a module state dict that may hold an injected peft adapter (a
+    LoRA judge, wz_engine/judge/sharing.py): `x.base_layer.weight` -> `x.weight`; adapter entries
+    (`...lora_A.<adapter>.weight`, `lora_B`, `lora_embedding_*`, `lora_magnitude_vector`) dropped."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value
+    return out
+
+
 def export_model(lm, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """HF format: safetensors + config + tokenizer, loadable by transformers and vLLM.
-    `state_dict` (full tensors) replaces the module's own, e.g. when the module is FSDP-sharded."""
+    `state_dict` (full tensors) replaces the module's own, e.g. when the module is FSDP-sharded.
+    An injected LoRA judge is left out: the export holds the policy's weights under its HF names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
+    state = policy_state_dict(lm.state_dict() if state_dict is None else state_dict)
+    if getattr(lm, "_hf_peft_config_loaded", False):
+        # transformers saves only the adapter of a model with adapters loaded: save through a
+        # parameter-free (meta) instance of the plain architecture instead.
+        with torch.device("meta"):
+            plain = type(lm)(copy.deepcopy(lm.config))
+        plain.generation_config = copy.deepcopy(lm.generation_config)
+        lm = plain
+    lm.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Load a run's latest (or given) checkpoint into an unsharded model and export it."""
+    """Load a run's latest (or given) checkpoint into an unsharded model and export it. The model
+    is loaded by its HF names, so a checkpoint written with a LoRA judge injected (peft-renamed
+    base weights plus adapter entries) loads too; the adapter is not exported."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -552,8 +593,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path 
     config = AutoConfig.from_pretrained(str(run_dir / HF_CONFIG_DIR))
     lm = AutoModelForCausalLM.from_config(config)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / TOKENIZER_DIR))
-    policy = FusedHeadCausalLM(lm)
-    ckpt.load_checkpoint(path, policy, None, rank=0)
+    ckpt.load_model_weights(path, FusedHeadCausalLM(lm))
     return export_model(lm, tokenizer, out_dir)
 
 

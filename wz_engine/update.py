@@ -88,10 +88,13 @@ def apply_rollout_correction(ub: UpdateBatch, old_lps: list[torch.Tensor], engin
     """Truncated importance sampling for the sampler/trainer mismatch (wz_engine.rollout.correction):
     multiplies each micro-batch's per-token advantages by min(pi_old / pi_engine, cap) in place.
 
-    engine_logprobs: per rollout (original order) the sampler's log-prob of each response token."""
+    engine_logprobs: per rollout (original order) the sampler's log-prob of each response token.
+    Returns the step's global monitors (all ranks): mean |old - engine| log-prob, fraction of tokens
+    capped, and the largest untruncated ratio (the outlier a mean hides)."""
     from wz_engine.rollout.correction import apply_tis, tis_weights
 
     diff_sum = capped = tokens = 0.0
+    max_ratio = 0.0
     for i in range(ub.num_real):
         b = ub.batches[i]
         engine = b.scatter_responses(engine_logprobs, fill=0.0).to(old_lps[i].device)
@@ -100,7 +103,13 @@ def apply_rollout_correction(ub: UpdateBatch, old_lps: list[torch.Tensor], engin
         diff_sum += m.mean_abs_logp_diff * m.tokens
         capped += m.frac_capped * m.tokens
         tokens += m.tokens
-    return {"tis/mean_abs_logp_diff": diff_sum / max(tokens, 1.0), "tis/frac_capped": capped / max(tokens, 1.0)}
+        if m.tokens:
+            max_ratio = max(max_ratio, m.max_ratio)
+    sums = wzdist.all_reduce(torch.tensor([diff_sum, capped, tokens], dtype=torch.float64))
+    max_ratio = float(wzdist.all_reduce(max_ratio, op="max"))
+    n = max(float(sums[2]), 1.0)
+    return {"tis/mean_abs_logp_diff": float(sums[0]) / n, "tis/frac_capped": float(sums[1]) / n,
+            "tis/max_ratio": max_ratio}
 
 
 @dataclass

@@ -20,6 +20,12 @@ import numpy as np
 import torch
 
 from wz_engine.judge.base import PairwiseJudge, PairwiseRequest
+from wz_engine.judge.metrics import JudgementRecord, judge_metrics
+
+SHARED_JUDGE_KEYS = ("judge/order_agreement", "judge/mean_score_a", "judge/mean_score_b", "judge/a_win_rate",
+                     "judge/b_win_rate", "judge/tie_rate")
+"""Keys taken from `wz_engine.judge.metrics.judge_metrics`; always present (NaN when undefined) so
+every rank logs the same keys."""
 
 
 @dataclass
@@ -31,7 +37,10 @@ class BRPORewards:
     stats: dict
     """Judge monitors: invalid_rate, position_bias (share of decisive verdicts won by the
     first-shown response), inconsistent_rate, num_verdicts, score_mean (mean raw score of valid
-    verdicts: an absolute level, where the rewards are only relative)."""
+    verdicts: an absolute level, where the rewards are only relative); and from
+    `wz_engine.judge.metrics.judge_metrics` (one pair = challenger vs reference, order 1 = swapped):
+    order_agreement, mean_score_a / mean_score_b (by position), a_win_rate / b_win_rate / tie_rate.
+    Keys are `judge/<name>`; undefined values are NaN."""
 
 
 def draw_references(prompt_uids: Sequence[int], group_size: int, seed: int, step: int) -> list[int]:
@@ -122,7 +131,10 @@ def assemble_brpo_rewards(
             rewards[p * G + i] = r
 
     n_challengers = len(prompts) * max(G - 1, 0)
+    shared = judge_metrics([JudgementRecord(v, pair_id=(p, i), swapped=order == 1)
+                            for (p, i, order), v in zip(keys, verdicts)])
     stats = {
+        **{k: shared.get(k, float("nan")) for k in SHARED_JUDGE_KEYS},
         "judge/invalid_rate": invalid / max(len(verdicts), 1),
         "judge/position_bias": first_wins / decisive if decisive else float("nan"),
         "judge/inconsistent_rate": n_inconsistent / max(n_challengers, 1),
