@@ -37,6 +37,12 @@ a V x H float32 buffer). `grad_accum_dtype=None` accumulates in the weight's own
 saves V x H x 2 bytes, adds one rounding per chunk - what Liger does).
 
 Ignored positions (targets == ignore_index) give logprob 0, entropy 0 and no gradient.
+
+Memory: one [C, V] workspace (reused by every chunk), d hidden [N, H], the d weight accumulator
+[V, H] and O(N) vectors. At N=4096, H=256, V=32000 fp32 on CPU, forward+backward grows peak RSS by
+~105 MB against ~1.5 GB for matmul + log_softmax (tests/kernels/test_logprob.py asserts <= 10%).
+Possible next step on CPU, where N x H is small next to V x H: walk vocabulary slices instead of
+token chunks (online LSE across slices; d weight slices written once, no re-reads of the weight).
 """
 
 from __future__ import annotations
@@ -480,9 +486,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         chunks = _Chunks(hidden, weight, bias, plan)
         N = hidden.shape[0]
         g_logp = torch.zeros(N, device=hidden.device) if g_logp is None else g_logp
-        g_entropy = g_entropy if with_entropy else None
-        if with_entropy and g_entropy is None:
-            g_entropy = None  # entropy was returned but not used: its gradient term vanishes
+        g_entropy = g_entropy if with_entropy else None  # without entropy its term is skipped entirely
 
         def dlogits_of(s, e):
             h_c, logits = chunks.logits(s, e)  # recompute the tile
