@@ -166,7 +166,8 @@ def _standin_api(shapes: dict[str, tuple]) -> VLLMApi:
 def _vllm_trainer(tmp_path, monkeypatch, *overrides):
     def build_sampler(cfg, policy, tokenizer, info):  # the real adapter, a stand-in engine
         shapes = {n: tuple(p.shape) for n, p in policy.model.named_parameters()}
-        return VLLMSampler(cfg.rollout.vllm, "tiny", api=_standin_api(shapes), device="cpu")
+        policy.model.save_pretrained(str(tmp_path / "hf"))  # the engine's model dir (and a swap judge)
+        return VLLMSampler(cfg.rollout.vllm, str(tmp_path / "hf"), api=_standin_api(shapes), device="cpu")
 
     monkeypatch.setattr(train_mod, "build_sampler", build_sampler)
     cfg = load_config(TINY, [f'train.output_dir="{tmp_path}"', "train.steps=2", "rollout.prompts_per_step=2",
@@ -206,20 +207,40 @@ def test_trainer_without_correction_asks_for_no_logprobs(tmp_path, monkeypatch):
     assert not any(k.startswith("tis/") for k in m) and "sync/seconds" in m
 
 
+def test_swap_judge_between_sampling_rounds_resyncs_the_policy(tmp_path, monkeypatch):
+    """GenRM on the same engine in "swap" mode (from judge.genrm.weight_sharing = "checkpoint") with
+    DAPO dynamic sampling: the judge replaces the policy in the engine after round 1's rollouts, so
+    round 2 must push the policy again before sampling (the stand-in judge's verdicts are unparseable:
+    every reward is 0, every group is dropped, and a second round is drawn)."""
+    trainer = _vllm_trainer(tmp_path, monkeypatch, 'judge.kind="genrm"', 'judge.genrm.weight_sharing="checkpoint"',
+                            f'judge.genrm.checkpoint_path="{tmp_path / "hf"}"', "judge.genrm.max_new_tokens=4",
+                            "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=2")
+    assert trainer.cfg.rollout.vllm.judge_mode == "swap"
+    m = trainer.step()
+    assert m["sampling_rounds"] == 2 and m["judge/invalid_rate"] == 1.0
+    assert trainer.sampler._judge.swaps == 2
+    assert trainer.sampler.sync_count == 3  # initial, before round 2, after the update
+    assert trainer.sampler.weight_version == 1 and trainer.sampler.serving == "policy"
+
+
 # ---------------------------------------------------------------------- export with a LoRA judge injected
 
 
-def test_export_with_a_lora_judge_writes_the_policy_only(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])  # Qwen2.5 <= 3B ties lm_head to the input embedding
+def test_export_with_a_lora_judge_writes_the_policy_only(tmp_path, tied):
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from wz_engine import checkpoint as ckpt
-    from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer
+    from wz_engine.demo.tiny import build_tokenizer
     from wz_engine.judge.sharing import attach_lora_judge
 
     tok = build_tokenizer(["a story about the sea"] * 4, 300)
-    policy = build_tiny_qwen2(len(tok), hidden_size=32, intermediate_size=64, num_layers=1, seed=1,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    policy = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          tie_word_embeddings=tied, eos_token_id=tok.eos_token_id,
+                                          pad_token_id=tok.pad_token_id, bos_token_id=None))
     expected = {k: v.clone() for k, v in policy.state_dict().items()}
     adapter = peft.get_peft_model(copy.deepcopy(policy), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                           init_lora_weights=False))
@@ -228,9 +249,11 @@ def test_export_with_a_lora_judge_writes_the_policy_only(tmp_path):
     assert any(".base_layer." in k for k in policy.state_dict()) and any("lora_" in k for k in policy.state_dict())
 
     def check(export_dir):
-        loaded = AutoModelForCausalLM.from_pretrained(export_dir).state_dict()
+        model = AutoModelForCausalLM.from_pretrained(export_dir)
+        loaded = model.state_dict()
         assert set(loaded) == set(expected)
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
     # in-process export (export_at_end path)
     train_mod.export_model(policy, tok, tmp_path / "export")
