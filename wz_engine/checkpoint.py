@@ -122,6 +122,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return trainer
 
 
+def policy_param_name(name: str) -> str | None:
+    """A parameter's own HF name when a peft adapter (a LoRA judge, wz_engine/judge/sharing.py) is
+    injected: `x.base_layer.weight` -> `x.weight`; None for the adapter's entries (`lora_A.<adapter>.weight`,
+    `lora_B`, `lora_embedding_*`, `lora_magnitude_vector`). Other names come back unchanged."""
+    parts = name.split(".")
+    if any(part.startswith("lora_") for part in parts):
+        return None
+    return ".".join(p for p in parts if p != "base_layer")
+
+
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load only the model weights of checkpoint `path` into an unsharded `model`, matching names
     modulo a peft adapter that was injected when it was saved (a LoRA judge: `x.base_layer.weight`
@@ -129,9 +139,8 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     saved = dcp.FileSystemReader(str(Path(path) / "model_optim")).read_metadata().state_dict_metadata
-    saved_names = {k[len("model."):]: k[len("model."):] for k in saved if k.startswith("model.")}
-    by_plain = {".".join(p for p in name.split(".") if p != "base_layer"): name
-                for name in saved_names if not any(p.startswith("lora_") for p in name.split("."))}
+    saved_names = [k[len("model."):] for k in saved if k.startswith("model.")]  # DCP flattens {"model": {...}}
+    by_plain = {policy_param_name(name): name for name in saved_names if policy_param_name(name) is not None}
     state = model.state_dict()
     missing = [name for name in state if name not in by_plain]
     if missing:
@@ -139,7 +148,6 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     request = {by_plain[name]: tensor for name, tensor in state.items()}
     with _single_process_ok():
         dcp.load({"model": request}, checkpoint_id=str(Path(path) / "model_optim"))
-    # dcp.load fills the tensors in place; tied weights share storage and are filled once.
 
 
 @contextlib.contextmanager

@@ -549,16 +549,10 @@ def _truncate_metrics(out: Path, step: int) -> None:
 
 
 def policy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The policy's own HF names from a module state dict that may hold an injected peft adapter (a
-    LoRA judge, wz_engine/judge/sharing.py): `x.base_layer.weight` -> `x.weight`; adapter entries
-    (`...lora_A.<adapter>.weight`, `lora_B`, `lora_embedding_*`, `lora_magnitude_vector`) dropped."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if any(part.startswith("lora_") for part in parts):
-            continue
-        out[".".join(p for p in parts if p != "base_layer")] = value
-    return out
+    """The policy's own HF names from a module state dict that may hold an injected peft adapter
+    (`ckpt.policy_param_name`): base weights renamed back, adapter entries dropped."""
+    names = {key: ckpt.policy_param_name(key) for key in state}
+    return {name: state[key] for key, name in names.items() if name is not None}
 
 
 def export_model(lm, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
