@@ -141,7 +141,8 @@ def _loss_runner(kind, hidden, weight, targets, extra, n_seqs):
         else:  # liger: [B, T, H] layout, sequence advantages, DAPO (= token-mean) aggregation
             loss = _liger_grpo(h.is_cuda)(
                 h.view(n_seqs, -1, h.shape[1]), w, targets.view(n_seqs, -1), extra["mask"].view(n_seqs, -1),
-                extra["advantages"].view(n_seqs, -1)[:, 0], ref_per_token_logps=extra["ref_logprobs"].view(n_seqs, -1),
+                extra["advantages"].view(n_seqs, -1)[:, 0],
+                ref_per_token_logps=extra["ref_logprobs"].view(n_seqs, -1),
                 old_per_token_logps=extra["old_logprobs"].view(n_seqs, -1),
             )
             loss = loss[0] if isinstance(loss, tuple) else loss
@@ -180,10 +181,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         hidden, weight, targets = make_inputs(N, H, V, dtype, device)
         tag = f"N={N} H={H} V={V} {str(dtype).removeprefix('torch.')}"
         nhv = N * H * V
-        out.append(Case(f"logprobs fwd {tag}", {k: _fwd(f, hidden, weight, targets) for k, f in providers.items()},
-                        flops=2 * nhv))
+        fwd = {k: _fwd(f, hidden, weight, targets) for k, f in providers.items()}
+        out.append(Case(f"logprobs fwd {tag}", fwd, flops=2 * nhv))
         out.append(Case(f"logprobs fwd+bwd {tag}",
-                        {k: _fwd_bwd(f, hidden, weight, targets) for k, f in providers.items()}, flops=6 * nhv))
+                        {k: _fwd_bwd(f, hidden, weight, targets) for k, f in providers.items()},
+                        flops=6 * nhv))
         n_seqs = 8
         extra = loss_inputs(N, device, n_seqs)
         out.append(Case(f"policy-loss fwd+bwd {tag}",

@@ -94,7 +94,8 @@ def _plan(hidden, weight, chunk_size, grad_accum_dtype, *, upcast: bool, referen
         compute = torch.float32  # the CPU specification: low precision inputs, float32 math
     else:
         compute = hidden.dtype
-    accum = compute if (upcast or grad_accum_dtype is None) else torch.promote_types(grad_accum_dtype, compute)
+    keep = upcast or grad_accum_dtype is None
+    accum = compute if keep else torch.promote_types(grad_accum_dtype, compute)
     return ChunkPlan(chunk_size, compute, accum, torch.float64 if upcast else torch.float32)
 
 
@@ -124,7 +125,8 @@ def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"{op}: targets[{i}]={int(targets[i])} is outside [0, V={V}) and is not ignore_index={ignore_index}"
+                f"{op}: targets[{i}]={int(targets[i])} is outside [0, V={V}) "
+                f"and is not ignore_index={ignore_index}"
             )
 
 
@@ -192,7 +194,7 @@ def _tile_bwd_reference(logits, targets, lse, entropy, g_logp, g_entropy, inv_te
 
 
 def _tile_probs_reference(logits, targets, inv_temp: float, ignore_index: int):
-    """Fused-loss forward on a float32/64 tile: logp [C], lse [C]; the tile is overwritten with p = softmax(z).
+    """Fused-loss forward on a float32/64 tile: logp [C], lse [C]; the tile becomes p = softmax(z).
 
     The policy loss needs d logits = g (onehot - p) / T right after the forward of the same tile, so
     leaving p in place saves both a [C, V] copy and the recompute of exp.
@@ -312,7 +314,8 @@ if triton_available():
             )
         return logp, entropy, lse
 
-    def _tile_bwd_triton(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp: float, ignore_index: int):
+    def _tile_bwd_triton(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp: float,
+                         ignore_index: int):
         C, V = logits.shape
         assert logits.stride(1) == 1
         g_logp = g_logp.float().contiguous()
@@ -374,7 +377,8 @@ def _tile_fwd(logits, targets, inv_temp, ignore_index, with_entropy, triton, scr
 
 def _tile_bwd(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, triton):
     if torch.compiler.is_compiling():
-        return _logprob_tile_bwd_op(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index, triton)
+        return _logprob_tile_bwd_op(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index,
+                                    triton)
     fn = _tile_bwd_triton if triton else _tile_bwd_reference
     fn(logits, targets, lse, entropy, g_logp, g_entropy, inv_temp, ignore_index)
 
@@ -430,7 +434,8 @@ class _Chunks:
         return h_c, _tile_logits(h_c, self.weight, self.bias, self.workspace[: e - s])
 
 
-def _backward_sweep(chunks: _Chunks, dlogits_of, need_h, need_w, need_b, hidden_dtype, weight_dtype, bias_dtype):
+def _backward_sweep(chunks: _Chunks, dlogits_of, need_h, need_w, need_b, hidden_dtype, weight_dtype,
+                    bias_dtype):
     """Run dlogits_of(s, e) -> (h_c [C,H], dlogits [C,V]) per chunk and form d hidden, d weight, d bias."""
     plan = chunks.plan
     N, H = chunks.hidden.shape
@@ -456,12 +461,14 @@ def _backward_sweep(chunks: _Chunks, dlogits_of, need_h, need_w, need_b, hidden_
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, plan, use_triton):
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, plan,
+                use_triton):
         chunks = _Chunks(hidden, weight, bias, plan)
         N = hidden.shape[0]
         logp = torch.empty(N, dtype=plan.out_dtype, device=hidden.device)
         entropy = torch.zeros_like(logp)
-        lse = torch.empty(N, dtype=torch.promote_types(plan.compute_dtype, torch.float32), device=hidden.device)
+        lse_dtype = torch.promote_types(plan.compute_dtype, torch.float32)
+        lse = torch.empty(N, dtype=lse_dtype, device=hidden.device)
         inv_t = 1.0 / temperature
         for s, e in chunks.ranges():
             _, logits = chunks.logits(s, e)
@@ -492,7 +499,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             h_c, logits = chunks.logits(s, e)  # recompute the tile
             g_en = None if g_entropy is None else g_entropy[s:e]
             _tile_bwd(
-                logits, targets[s:e], lse[s:e], entropy[s:e], g_logp[s:e], g_en, inv_t, ignore_index, use_triton
+                logits, targets[s:e], lse[s:e], entropy[s:e], g_logp[s:e], g_en, inv_t, ignore_index,
+                use_triton,
             )
             return h_c, logits
 
@@ -572,7 +580,8 @@ def fused_linear_logprobs(
     use_triton = _use_triton(impl, hidden.device, OP)
     plan = _plan(hidden, weight, chunk_size, grad_accum_dtype, upcast=False, reference=not use_triton)
     logp, ent = _FusedLinearLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), ignore_index, bool(return_entropy), plan, use_triton
+        hidden, weight, bias, targets, float(temperature), ignore_index, bool(return_entropy), plan,
+        use_triton,
     )
     return (logp, ent) if return_entropy else logp
 
@@ -697,7 +706,8 @@ def fused_linear_policy_loss(
 
     _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index)
     N = hidden.shape[0]
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
+    per_token = (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs))
+    for name, t in per_token:
         if t is not None:
             check_tensor(OP_LOSS, name, t, shape=(N,), floating=True, device=hidden.device)
     check_tensor(OP_LOSS, "mask", mask, shape=(N,), device=hidden.device)
@@ -708,7 +718,8 @@ def fused_linear_policy_loss(
     )
     loss_cfg = dict(
         clip_low=float(clip_low), clip_high=float(clip_high),
-        dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef), kl_estimator=kl_estimator,
+        dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef),
+        kl_estimator=kl_estimator,
     )
     loss, totals = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,

@@ -39,7 +39,8 @@ def next_token_targets(input_ids: torch.Tensor, position_ids: torch.Tensor,
     """
     ids, pos = input_ids.reshape(-1), position_ids.reshape(-1)
     if ids.shape != pos.shape:
-        raise ValueError(f"next_token_targets: input_ids {tuple(ids.shape)} and position_ids {tuple(pos.shape)} differ")
+        raise ValueError(f"next_token_targets: input_ids {tuple(ids.shape)} and position_ids "
+                         f"{tuple(pos.shape)} differ")
     targets = torch.full_like(ids, ignore_index)
     continues = pos[1:] != 0
     targets[:-1] = torch.where(continues, ids[1:], torch.full_like(ids[1:], ignore_index))
@@ -88,10 +89,12 @@ class FusedHeadCausalLM(nn.Module):
         head = self.model.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **backbone_kwargs) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      **backbone_kwargs) -> torch.Tensor:
         """input_ids, position_ids [1, N] -> final hidden states [N, H] (after the final norm)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"FusedHeadCausalLM: input_ids must be one packed row [1, N], got {tuple(input_ids.shape)}")
+            raise ValueError("FusedHeadCausalLM: input_ids must be one packed row [1, N], "
+                             f"got {tuple(input_ids.shape)}")
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"FusedHeadCausalLM: position_ids {tuple(position_ids.shape)} must match "
                              f"input_ids {tuple(input_ids.shape)}")
@@ -122,7 +125,8 @@ class FusedHeadCausalLM(nn.Module):
         common = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, impl=self.impl,
                       chunk_size=self.chunk_size)
         if policy_loss is None:
-            return wz_kernels.fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy, **common)
+            return wz_kernels.fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy,
+                                                    **common)
         if return_entropy:
             raise ValueError("FusedHeadCausalLM: return_entropy is not available with policy_loss")
         b = policy_loss

@@ -19,7 +19,8 @@ def tiny_model(tied: bool, dtype=torch.float32, seed: int = 0):
 
     cfg = Qwen2Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, attn_implementation="sdpa",
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg).to(dtype).eval()  # eval: no dropout (the configs have none anyway)

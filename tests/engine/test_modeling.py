@@ -70,8 +70,8 @@ def test_policy_loss_mode_equals_composed():
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     logp = wrapper(ids, pos, targets)
-    loss2, metrics2 = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, seq_ids=batch.seq_ids,
-                                  **batch.options)
+    loss2, metrics2 = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask,
+                                  seq_ids=batch.seq_ids, **batch.options)
     loss2.backward()
     torch.testing.assert_close(loss, loss2)
     for k in metrics2:
@@ -108,4 +108,5 @@ def test_fsdp2_two_ranks_equal_unsharded(tmp_path):
         grads = dict(wrapper.named_parameters())
         assert set(sharded[tied]["grads"]) == set(grads)
         for n, p in grads.items():
-            torch.testing.assert_close(sharded[tied]["grads"][n], p.grad, atol=1e-5, rtol=1e-4, msg=f"{tied} {n}")
+            torch.testing.assert_close(sharded[tied]["grads"][n], p.grad, atol=1e-5, rtol=1e-4,
+                                       msg=f"tied={tied} {n}")

@@ -73,7 +73,7 @@ def grads_of(fn, tensors, g_logp, g_entropy):
 def test_matches_float64_oracle(impl, N, H, V, chunk, temperature, with_bias, n_ignored):
     hidden, weight, bias, targets = make_inputs(N, H, V, with_bias=with_bias, n_ignored=n_ignored)
     g = torch.Generator().manual_seed(1)
-    g_logp, g_ent = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    g_logp, g_ent = torch.randn(2, N, generator=g, dtype=torch.float64)
 
     def ours(h, w, b):
         return fused_linear_logprobs(h, w, targets, bias=b, temperature=temperature, return_entropy=True,
@@ -99,7 +99,7 @@ def test_matches_float64_oracle(impl, N, H, V, chunk, temperature, with_bias, n_
 def test_reference_upcast_and_float64_inputs_are_exact():
     hidden, weight, bias, targets = make_inputs(23, 12, 157, with_bias=True, n_ignored=2, dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
-    g_logp, g_ent = torch.randn(23, generator=g, dtype=torch.float64), torch.randn(23, generator=g, dtype=torch.float64)
+    g_logp, g_ent = torch.randn(2, 23, generator=g, dtype=torch.float64)
     ours = lambda h, w, b: fused_linear_logprobs_reference(  # noqa: E731
         h, w, targets, bias=b, temperature=0.8, return_entropy=True, upcast=True, chunk_size=5)
     oracle = lambda h, w, b: naive_logprobs64(h, w, targets, b, 0.8)  # noqa: E731
@@ -135,10 +135,13 @@ def test_extreme_logits_stay_finite_and_accurate(impl):
     logits = hidden.double() @ weight.double().T
     assert logits.abs().max() > 5e3
     g = torch.Generator().manual_seed(5)
-    g_logp, g_ent = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
-    ours = lambda h, w: fused_linear_logprobs(h, w, targets, return_entropy=True, impl=impl, chunk_size=4)  # noqa: E731
+    g_logp, g_ent = torch.randn(2, 11, generator=g, dtype=torch.float64)
+    def ours(h, w):
+        return fused_linear_logprobs(h, w, targets, return_entropy=True, impl=impl, chunk_size=4)
+
     lp, ent, grads = grads_of(ours, (hidden, weight), g_logp, g_ent)
-    lp64, ent64, grads64 = grads_of(lambda h, w: naive_logprobs64(h, w, targets), (hidden, weight), g_logp, g_ent)
+    lp64, ent64, grads64 = grads_of(lambda h, w: naive_logprobs64(h, w, targets), (hidden, weight),
+                                    g_logp, g_ent)
     for t in (lp, ent, *grads):
         assert torch.isfinite(t).all()
     # float32 logits of size 1e4 carry ~1e-3 absolute rounding: scale the tolerance with them
@@ -247,8 +250,9 @@ def test_fused_policy_loss_equals_composed(impl, cfg):
 
     kw = dict(extra, **cfg)
     leaves2 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    loss2, m2 = fused_linear_policy_loss(leaves2[0], leaves2[1], targets, old, kw.pop("advantages"), kw.pop("mask"),
-                                         bias=leaves2[2], temperature=T, impl=impl, chunk_size=8, **kw)
+    loss2, m2 = fused_linear_policy_loss(leaves2[0], leaves2[1], targets, old, kw.pop("advantages"),
+                                         kw.pop("mask"), bias=leaves2[2], temperature=T, impl=impl,
+                                         chunk_size=8, **kw)
     (2.0 * loss2).backward()  # the upstream scalar must scale the precomputed gradients
 
     torch.testing.assert_close(loss2, loss1, atol=1e-6, rtol=1e-5)
@@ -272,7 +276,8 @@ def test_fused_policy_loss_gradient_matches_float64_oracle_and_no_grad_path():
     loss.backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     lp64, _ = naive_logprobs64(h64, w64, targets)
-    loss64, _ = policy_loss(lp64, old.double(), extra["advantages"].double(), extra["mask"], impl="reference", **kw)
+    loss64, _ = policy_loss(lp64, old.double(), extra["advantages"].double(), extra["mask"],
+                            impl="reference", **kw)
     loss64.backward()
     assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5, name="loss")
     assert_close_to_reference(h.grad, h64.grad, atol=1e-6, rtol=1e-4, name="d hidden")
@@ -289,7 +294,8 @@ def test_fused_policy_loss_bad_input():
     with pytest.raises(ValueError, match="old_logprobs must have shape"):
         fused_linear_policy_loss(hidden, weight, targets, torch.zeros(5), torch.zeros(6), torch.ones(6))
     with pytest.raises(ValueError, match="agg"):
-        fused_linear_policy_loss(hidden, weight, targets, torch.zeros(6), torch.zeros(6), torch.ones(6), agg="sum")
+        fused_linear_policy_loss(hidden, weight, targets, torch.zeros(6), torch.zeros(6), torch.ones(6),
+                                 agg="sum")
 
 
 # ------------------------------------------------------------------------------- memory ceiling
@@ -302,7 +308,8 @@ def test_cpu_peak_memory_under_ten_percent_of_naive():
     subprocess per provider (the two run side by side to save wall time)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
     procs = {
-        p: subprocess.Popen([sys.executable, str(MEMORY_SCRIPT), p], stdout=subprocess.PIPE, env=env, text=True)
+        p: subprocess.Popen([sys.executable, str(MEMORY_SCRIPT), p], stdout=subprocess.PIPE, env=env,
+                            text=True)
         for p in ("naive", "fused")
     }
     mb = {}
@@ -322,11 +329,13 @@ def test_cpu_peak_memory_under_ten_percent_of_naive():
 @pytest.mark.parametrize("N,V", [(1, 4231), (1000, 4231), (2048, 151936)])
 def test_gpu_triton_matches_oracle_with_twice_torch_error(dtype, N, V):
     H = 256
-    hidden, weight, bias, targets = make_inputs(N, H, V, dtype=dtype, scale=4.0, with_bias=True, n_ignored=N // 10)
+    hidden, weight, bias, targets = make_inputs(N, H, V, dtype=dtype, scale=4.0, with_bias=True,
+                                                n_ignored=N // 10)
     dev = "cuda"
     hidden, weight, bias, targets = hidden.to(dev), weight.to(dev), bias.to(dev), targets.to(dev)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    lp, ent = fused_linear_logprobs(h, w, targets, bias=b, return_entropy=True, temperature=0.8, impl="triton")
+    lp, ent = fused_linear_logprobs(h, w, targets, bias=b, return_entropy=True, temperature=0.8,
+                                    impl="triton")
     (lp + ent).sum().backward()
     h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, bias))
     lp64, ent64 = naive_logprobs64(h64, w64, targets, b64, 0.8)
