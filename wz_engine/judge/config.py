@@ -45,7 +45,9 @@ class GenRMConfig:
     votes: int = 1
     """Independent judge samples per (pair, order), used by `GenRM.compare` (the eval CLI takes
     `--votes`). `GenRM.judge` always returns exactly one verdict per request: the trainer's BRPO
-    assembly issues its own repeats (`algorithm.votes`), which the GenRM samples through `n`."""
+    assembly issues its own repeats (`algorithm.votes`), which the GenRM samples through `n`.
+    In a training run this and `algorithm.votes` are one setting: set either (1 counts as unset);
+    two different values above 1 are a config error."""
     both_orders: bool = True
     """`GenRM.compare` judges every pair as (A, B) and as (B, A) to cancel position bias (ignored in
     pointwise mode, where there is no order). BRPO always judges both orders."""
@@ -73,7 +75,9 @@ class GenRMConfig:
     weight_sharing: WeightSharing = "self"
     """Which weights judge on the hf backend: "self" = the live policy module (no extra memory);
     "lora" = a peft LoRA adapter (`lora_path`) injected into the policy's own base weights, enabled
-    only while judging; "checkpoint" = a separate model loaded from `checkpoint_path`."""
+    only while judging; "checkpoint" = a separate model loaded from `checkpoint_path`.
+    With `rollout.sampler = "vllm"` this also picks the engine's judge mode (self -> self,
+    lora -> lora, checkpoint -> swap); see `rollout.vllm.judge_mode`."""
     lora_path: str | None = None
     """Local directory of a peft LoRA adapter (weight_sharing="lora")."""
     checkpoint_path: str | None = None

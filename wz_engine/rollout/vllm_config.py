@@ -1,6 +1,6 @@
 """Configuration of the colocated vLLM sampler, importable without vLLM installed.
 
-The run config embeds `VLLMConfig` (as `sampler.vllm` or similar); nothing here imports vllm.
+The run config embeds `VLLMConfig` as `rollout.vllm`; nothing here imports vllm.
 `check_vllm_install()` is the config-time gate: when `sampler = "vllm"` the trainer calls it once,
 before any process group or model is built, so a missing or incompatible vLLM is one clear error
 naming the installed and required versions, never an ImportError deep inside a step.
@@ -61,7 +61,9 @@ class VLLMConfig:
     process): "self" = the current policy judges; "lora" = the judge is a LoRA adapter over the
     shared (synced) base weights, sent with a `LoRARequest`; "swap" = the judge's own checkpoint
     (same architecture) is kept in pinned host memory and pushed into the engine after rollouts;
-    the next policy sync restores the policy."""
+    the next policy sync restores the policy. When the trainer runs the GenRM, this (and the
+    judge paths) is derived from `judge.genrm.weight_sharing`; an explicit contradicting value is a
+    config error."""
     judge_lora_path: str | None = None
     """PEFT adapter directory for judge_mode="lora"."""
     max_lora_rank: int = 64
