@@ -2,6 +2,7 @@
 
     fused_linear_logprobs(hidden [N,H], weight [V,H], targets [N]) -> logprobs [N] f32 (, entropy [N] f32)
     fused_linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, ...) -> (loss, metrics)
+        old_logprobs=None: on-policy (old = the chunk's own detached logprobs, no separate pass)
 
 The [N, V] logits never exist, forward or backward. Both ops walk the tokens in chunks of C rows:
 
@@ -193,11 +194,13 @@ def _tile_bwd_reference(logits, targets, lse, entropy, g_logp, g_entropy, inv_te
     return logits
 
 
-def _tile_probs_reference(logits, targets, inv_temp: float, ignore_index: int):
-    """Fused-loss forward on a float32/64 tile: logp [C], lse [C]; the tile becomes p = softmax(z).
+def _tile_probs_reference(logits, targets, inv_temp: float, ignore_index: int, with_entropy: bool = False):
+    """Fused-loss forward on a float32/64 tile: logp [C], lse [C], entropy [C] | None; the tile becomes
+    p = softmax(z).
 
     The policy loss needs d logits = g (onehot - p) / T right after the forward of the same tile, so
-    leaving p in place saves both a [C, V] copy and the recompute of exp.
+    leaving p in place saves both a [C, V] copy and the recompute of exp. The entropy (only when asked:
+    it costs a [C, V] temporary) is -sum p log p of that p.
     """
     z = logits
     if inv_temp != 1.0:
@@ -210,8 +213,10 @@ def _tile_probs_reference(logits, targets, inv_temp: float, ignore_index: int):
     s0 = z.exp_().sum(dim=1, keepdim=True)
     z.div_(s0)  # now p
     log_s0 = s0[:, 0].log()
-    logp = torch.where(valid, z_t - log_s0, torch.zeros((), dtype=z.dtype))
-    return logp, log_s0 + m[:, 0]
+    zero = torch.zeros((), dtype=z.dtype)
+    logp = torch.where(valid, z_t - log_s0, zero)
+    entropy = torch.where(valid, torch.special.entr(z).sum(dim=1), zero) if with_entropy else None
+    return logp, log_s0 + m[:, 0], entropy
 
 
 def _tile_bwd_from_probs_reference(probs, targets, g_logp, inv_temp: float, ignore_index: int):
@@ -598,7 +603,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-                temperature, ignore_index, plan, use_triton, loss_cfg):
+                temperature, ignore_index, plan, use_triton, loss_cfg, with_entropy):
         from .policy_loss import STAT_NAMES, token_loss_terms
 
         chunks = _Chunks(hidden, weight, bias, plan)
@@ -606,6 +611,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         terms_impl = "triton" if use_triton else "reference"
         totals = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=hidden.device)
+        N = hidden.shape[0]
+        entropy = torch.zeros(N, dtype=plan.out_dtype, device=hidden.device) if with_entropy else None
 
         # the torch path leaves p in the tile (no copy, no recompute); the Triton path reads the tile
         # twice (its forward epilogue does not write it)
@@ -615,12 +622,16 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             h_c, logits = chunks.logits(s, e)
             t_c = targets[s:e]
             if probs_in_tile:
-                lp, lse = _tile_probs_reference(logits, t_c, inv_t, ignore_index)
+                lp, lse, en = _tile_probs_reference(logits, t_c, inv_t, ignore_index, with_entropy)
             else:
-                lp, _, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, False, use_triton, False)
+                lp, en, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, with_entropy, use_triton, False)
+            if with_entropy:
+                entropy[s:e] = en
             ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
+            # on-policy: old = this chunk's own logprobs (a plain tensor here: no graph to detach)
+            old_c = lp if old_logprobs is None else old_logprobs[s:e]
             _, g_c, stats = token_loss_terms(
-                lp, old_logprobs[s:e], advantages[s:e], mask[s:e], weights[s:e], ref_logprobs=ref_c,
+                lp, old_c, advantages[s:e], mask[s:e], weights[s:e], ref_logprobs=ref_c,
                 impl=terms_impl, **loss_cfg,
             )
             totals.add_(torch.stack([stats[k].float() for k in STAT_NAMES]))
@@ -644,22 +655,24 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 chunk_terms(s, e)
             grads = (None, None, None)
         ctx.grads = grads
-        ctx.mark_non_differentiable(totals)
+        if entropy is None:
+            entropy = torch.zeros(0, dtype=plan.out_dtype, device=hidden.device)
+        ctx.mark_non_differentiable(totals, entropy)
         loss = totals[STAT_NAMES.index("loss")].clone()
-        return loss, totals
+        return loss, totals, entropy
 
     @staticmethod
-    def backward(ctx, g_loss, _g_totals):
+    def backward(ctx, g_loss, _g_totals, _g_entropy):
         d_hidden, d_weight, d_bias = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
         ctx.grads = None
-        return (d_hidden, d_weight, d_bias) + (None,) * 11
+        return (d_hidden, d_weight, d_bias) + (None,) * 12
 
 
 def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -680,6 +693,7 @@ def fused_linear_policy_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     grad_accum_dtype: torch.dtype | None = torch.float32,
+    return_entropy: bool = False,
 ):
     """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
 
@@ -691,16 +705,28 @@ def fused_linear_policy_loss(
     d bias are formed in the forward pass (6NHV flops, no recompute) and scaled by the upstream scalar
     in backward. Per-token memory is O(N) (weights, logp, d logp of a chunk).
 
+    On-policy fast path: `old_logprobs=None` uses each chunk's freshly computed log-probabilities,
+    detached, as the old ones, inside the same pass. That is
+        lp = fused_linear_logprobs(...);  policy_loss(lp, lp.detach(), advantages, mask, ...)
+    in one pass over the vocabulary instead of two (no separate no-grad "old logprob" sweep): the
+    ratio is exactly 1, no token clips, and the gradient is the plain policy gradient (+ the KL term's).
+    Valid when the rollouts were sampled from the current weights and this is the only optimizer step
+    on them (one update per rollout batch) and nothing else needs the old log-probabilities.
+
     Args:
         hidden [N, H], weight [V, H], targets [N], bias [V] | None, temperature, ignore_index: as in
             `fused_linear_logprobs`.
-        old_logprobs, advantages [N] float; mask [N] bool/int/float; ref_logprobs [N] | None;
+        old_logprobs: [N] float (behaviour policy), or None for the on-policy fast path above.
+        advantages [N] float; mask [N] bool/int/float; ref_logprobs [N] | None;
         seq_ids [N] int | None; clip_low, clip_high, dual_clip, kl_coef, kl_estimator, agg,
         loss_scale, global_tokens, global_seqs: as in `wz_kernels.policy_loss`.
         impl, chunk_size, grad_accum_dtype: as in `fused_linear_logprobs`.
+        return_entropy: also return each token's entropy [N] (float32, no gradient; 0 at ignored
+            positions), computed from the same tiles (what the trainer logs when it skips the old pass).
 
     Returns:
-        (loss 0-d float32, metrics dict of 0-d float32 tensors: see `policy_loss`).
+        (loss 0-d float32, metrics dict of 0-d float32 tensors: see `policy_loss`), plus entropy [N]
+        float32 when `return_entropy`.
     """
     from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
 
@@ -721,9 +747,9 @@ def fused_linear_policy_loss(
         dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef),
         kl_estimator=kl_estimator,
     )
-    loss, totals = _FusedLinearPolicyLoss.apply(
+    loss, totals, entropy = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-        float(temperature), ignore_index, plan, use_triton, loss_cfg,
+        float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy),
     )
     metrics = metrics_from_stats(dict(zip(STAT_NAMES, totals.unbind(0))))
-    return loss, metrics
+    return (loss, metrics, entropy) if return_entropy else (loss, metrics)

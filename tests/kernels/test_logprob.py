@@ -263,6 +263,59 @@ def test_fused_policy_loss_equals_composed(impl, cfg):
         torch.testing.assert_close(a.grad, 2.0 * b.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+ON_POLICY_CONFIGS = [
+    dict(agg="token-mean"),
+    dict(agg="seq-mean-token-mean", kl_coef=0.05, kl_estimator="k3", dual_clip=3.0),
+    dict(agg="seq-mean-token-sum", kl_coef=0.1, kl_estimator="k2"),
+    dict(agg="seq-mean-token-sum-norm", loss_scale=16.0, kl_coef=0.1, kl_estimator="k1", global_seqs=5),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cfg", ON_POLICY_CONFIGS, ids=lambda c: c["agg"])
+def test_fused_policy_loss_on_policy_equals_composed_and_float64_oracle(impl, cfg):
+    """old_logprobs=None == policy_loss(lp, lp.detach(), ...): loss, metrics (ratio 1, no clipping),
+    d hidden / d weight / d bias, and the returned entropy, against float32 composition and float64."""
+    N, H, V, T = 29, 16, 211, 0.9
+    hidden, weight, bias, targets = make_inputs(N, H, V, with_bias=True, n_ignored=2, seed=21)
+    extra = loss_inputs(N, seed=22)
+
+    def composed(leaves, logprobs_fn, policy_impl):
+        kw = dict(extra, **cfg)
+        lp = logprobs_fn(*leaves)
+        loss, metrics = policy_loss(lp, lp.detach(), kw.pop("advantages"), kw.pop("mask"), impl=policy_impl, **kw)
+        loss.backward()
+        return loss.detach(), metrics
+
+    leaves32 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss32, m32 = composed(leaves32, lambda h, w, b: fused_linear_logprobs(
+        h, w, targets, bias=b, temperature=T, impl=impl), impl)
+    leaves64 = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    loss64, m64 = composed(leaves64, lambda h, w, b: naive_logprobs64(h, w, targets, b, T)[0], "reference")
+
+    kw = dict(extra, **cfg)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics, entropy = fused_linear_policy_loss(
+        leaves[0], leaves[1], targets, None, kw.pop("advantages"), kw.pop("mask"), bias=leaves[2],
+        temperature=T, impl=impl, chunk_size=8, return_entropy=True, **kw)
+    (2.0 * loss).backward()  # the upstream scalar must scale the precomputed gradients
+
+    torch.testing.assert_close(loss.detach(), loss32, atol=1e-6, rtol=1e-5)
+    assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5, name="loss")
+    assert set(metrics) == set(m32)
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], m32[k], atol=1e-6, rtol=1e-5, msg=f"metric {k}")
+        assert_close_to_reference(metrics[k], m64[k], atol=1e-6, rtol=1e-5, name=f"metric {k}")
+    assert float(metrics["ratio_mean"]) == 1.0
+    assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
+    for name, a, b32, b64 in zip(("d hidden", "d weight", "d bias"), leaves, leaves32, leaves64):
+        torch.testing.assert_close(a.grad, 2.0 * b32.grad, atol=1e-6, rtol=1e-4, msg=name)
+        assert_close_to_reference(a.grad, 2.0 * b64.grad, atol=2e-6, rtol=1e-4, name=name)
+    assert not entropy.requires_grad and entropy.dtype == torch.float32
+    assert_close_to_reference(entropy, naive_logprobs64(hidden, weight, targets, bias, T)[1], atol=1e-5,
+                              rtol=1e-5, name="entropy")
+
+
 def test_fused_policy_loss_gradient_matches_float64_oracle_and_no_grad_path():
     N, H, V = 21, 8, 64
     hidden, weight, _, targets = make_inputs(N, H, V, seed=11)
