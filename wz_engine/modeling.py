@@ -51,8 +51,9 @@ def next_token_targets(input_ids: torch.Tensor, position_ids: torch.Tensor,
 class PolicyLossBatch:
     """Per-token inputs of the policy loss for one packed micro-batch (all [N], aligned with targets)."""
 
-    old_logprobs: torch.Tensor
-    """[N] float: log-probabilities under the behaviour (sampling) policy."""
+    old_logprobs: torch.Tensor | None
+    """[N] float: log-probabilities under the behaviour (sampling) policy; None when it is the current
+    policy (on-policy: `fused_linear_policy_loss` then uses the tokens' own detached log-probabilities)."""
     advantages: torch.Tensor
     """[N] float: per-token advantages (sequence advantages broadcast to their tokens)."""
     mask: torch.Tensor
@@ -117,7 +118,8 @@ class FusedHeadCausalLM(nn.Module):
     ):
         """Without `policy_loss`: logprobs [N] f32 (and entropy [N] f32 with `return_entropy`).
 
-        With `policy_loss`: (loss 0-d f32, metrics dict) of `fused_linear_policy_loss` on these tokens.
+        With `policy_loss`: (loss 0-d f32, metrics dict) of `fused_linear_policy_loss` on these tokens,
+        plus entropy [N] f32 (no gradient, from the same pass) with `return_entropy`.
         """
         hidden = self.hidden_states(input_ids, position_ids, **backbone_kwargs)
         weight, bias = self.lm_head_weight()
@@ -127,10 +129,8 @@ class FusedHeadCausalLM(nn.Module):
         if policy_loss is None:
             return wz_kernels.fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy,
                                                     **common)
-        if return_entropy:
-            raise ValueError("FusedHeadCausalLM: return_entropy is not available with policy_loss")
         b = policy_loss
         return wz_kernels.fused_linear_policy_loss(
             hidden, weight, targets, b.old_logprobs, b.advantages, b.mask, ref_logprobs=b.ref_logprobs,
-            seq_ids=b.seq_ids, **common, **b.options,
+            seq_ids=b.seq_ids, return_entropy=return_entropy, **common, **b.options,
         )

@@ -229,6 +229,9 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.stop_requested = False
         self.last_sample: dict | None = None
+        # Escape hatch from the on-policy fast path (`_on_policy`): run the separate old-logprob pass
+        # anyway. Read from the config when it has the field, settable on the trainer.
+        self.recompute_old_logprobs = bool(getattr(cfg.algorithm, "recompute_old_logprobs", False))
 
         if resume:
             path = ckpt.latest_checkpoint(self.out)
@@ -263,6 +266,17 @@ class Trainer:
     # -- phases ---------------------------------------------------------------------------------
     def _use_tis(self) -> bool:
         return self.cfg.rollout.sampler == "vllm" and bool(getattr(self.cfg.rollout.vllm, "is_correction", False))
+
+    def _on_policy(self) -> bool:
+        """Whether the update can take each token's own detached log-prob as the old one and skip the
+        separate old-logprob pass (one pass over the vocabulary less per micro-batch).
+
+        The trainer takes exactly one optimizer step per rollout batch and the old log-probs are always
+        recomputed from the current weights, so they equal the update's own: ratio 1, clip inactive.
+        Kept: with vLLM's truncated-IS correction (it weighs the trainer's old log-probs against the
+        engine's before the update), and when `recompute_old_logprobs` asks for it. Anything new that
+        reads old log-probs outside the loss must be added here."""
+        return not self._use_tis() and not self.recompute_old_logprobs
 
     def _sampling_params(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -408,7 +422,9 @@ class Trainer:
         temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.policy.train()
         with timer("logprob"):
-            old_lps, ents = packed_logprobs(self.policy, ub, self.device, temperature, return_entropy=True)
+            # on-policy: old log-probs (and the logged entropy) come out of the update's own pass
+            old_lps, ents = (None, None) if self._on_policy() else packed_logprobs(
+                self.policy, ub, self.device, temperature, return_entropy=True)
             ref_lps = packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
         tis = {}
         if self._use_tis():
@@ -434,7 +450,7 @@ class Trainer:
     def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
         lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
         masks = ub.masks
-        ent_sum = sum(float((e * m).sum()) for e, m in zip(ents, masks))
+        ent_sum = 0.0 if ents is None else sum(float((e * m).sum()) for e, m in zip(ents, masks))
         tokens = sum(b.num_tokens for b in ub.batches)
         n_groups = len(groups)
         dropped = float((~cat["skew"].bool()).sum()) / max(self.cfg.rollout.group_size, 1) if len(cat["skew"]) else 0
@@ -449,7 +465,8 @@ class Trainer:
                                  for x in wzdist.all_gather_object(lengths.tolist())])
         wall = time.perf_counter() - t0
         out = {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
-               "entropy": float(sums[0]) / ub.global_tokens,
+               # on-policy there is no old pass: the update's pass measured it (global token mean)
+               "entropy": metrics["entropy"] if ents is None else float(sums[0]) / ub.global_tokens,
                "tokens": float(sums[1]), "tokens_per_s": float(sums[1]) / wall, "time/step": wall,
                "brpo/skew_drop_rate": float(sums[3]) / max(float(sums[2]), 1.0), "sampling_rounds": rounds,
                "data/filtered_prompts": self.filtered, "data/epoch": self.stream.epoch}

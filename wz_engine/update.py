@@ -123,15 +123,23 @@ class LossOptions:
     loss_scale: float | None = None
 
 
-def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[torch.Tensor],
+def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[torch.Tensor] | None,
                          ref_lps: list[torch.Tensor] | None, device, temperature: float,
                          opts: LossOptions) -> dict[str, float]:
     """Forward + backward over every micro-batch; gradients accumulate in `.grad`.
 
+    old_lps None is the on-policy fast path (the rollouts were sampled from the current weights and
+    this is their only optimizer step): the fused loss takes each token's own detached log-prob as the
+    old one (ratio 1, no clipping), so no separate old-logprob pass is needed. The token entropy that
+    pass measured is then computed in this one and returned as metrics["entropy"].
+
     Returns this step's global metrics (loss summed over micro-batches and ranks; the clip fractions,
-    ratio and KL as token-weighted means)."""
+    ratio, KL and, on-policy, entropy as token-weighted means)."""
+    on_policy = old_lps is None
     sums = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac_dual": 0.0,
             "ratio_mean": 0.0, "kl_mean": 0.0}
+    if on_policy:
+        sums["entropy"] = 0.0
     tokens = 0.0
     options = dict(clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
                    kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg, loss_scale=opts.loss_scale,
@@ -139,14 +147,18 @@ def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[
     for i, b in enumerate(ub.batches):
         b = b.to(device)
         mask = ub.masks[i].to(device)
-        batch_loss = PolicyLossBatch(old_lps[i].to(device), ub.advantages[i].to(device), mask,
-                                     ref_lps[i].to(device) if ref_lps is not None else None,
+        batch_loss = PolicyLossBatch(None if on_policy else old_lps[i].to(device), ub.advantages[i].to(device),
+                                     mask, ref_lps[i].to(device) if ref_lps is not None else None,
                                      b.token_sequence_index, options)
         # fused_linear_policy_loss inside the root's forward: logprob + loss per chunk, no [N, V].
-        loss, metrics = model(**model_inputs(b, model.config), temperature=temperature, policy_loss=batch_loss)
+        out = model(**model_inputs(b, model.config), temperature=temperature, policy_loss=batch_loss,
+                    return_entropy=on_policy)
+        loss, metrics = out[:2]
         loss.backward()
         n = float(mask.sum())
         sums["loss"] += float(loss.detach())
+        if on_policy:
+            sums["entropy"] += float((out[2] * mask).sum())
         for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean"):
             sums[k] += float(metrics[k]) * n
         tokens += n

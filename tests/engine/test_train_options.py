@@ -64,3 +64,45 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in trainer.policy.state_dict().items())  # no update
     with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
         trainer.step()
+
+
+def test_on_policy_fast_path_skips_old_logprob_pass_and_matches_it(tmp_path, monkeypatch):
+    """One update per rollout batch: the old-logprob pass is skipped, and three steps (several
+    micro-batches each, KL against a reference model) end at the same weights and metrics as with
+    the separate pass (`recompute_old_logprobs`)."""
+    import wz_engine.train as train_mod
+
+    real = train_mod.packed_logprobs
+    runs = {}
+    for recompute in (False, True):
+        calls = []
+        monkeypatch.setattr(train_mod, "packed_logprobs",
+                            lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+        cfg = load_config(TINY, [f'train.output_dir="{tmp_path / str(recompute)}"', "train.steps=3",
+                                 "algorithm.kl_coef=0.05"])
+        trainer = Trainer(cfg)
+        assert trainer._on_policy()
+        trainer.recompute_old_logprobs = recompute
+        trainer.fit()
+        old_passes = sum(m is trainer.policy for m in calls)
+        assert old_passes == (3 if recompute else 0)
+        assert sum(m is trainer.ref for m in calls) == 3  # the KL reference pass always runs
+        rows = [json.loads(x) for x in (tmp_path / str(recompute) / "metrics.jsonl").read_text().splitlines()]
+        runs[recompute] = (trainer.policy.state_dict(), rows)
+    (fast_state, fast_rows), (slow_state, slow_rows) = runs[False], runs[True]
+    assert fast_state.keys() == slow_state.keys()
+    for k in fast_state:
+        assert torch.equal(fast_state[k], slow_state[k]), k
+    for fast, slow in zip(fast_rows, slow_rows, strict=True):
+        assert fast["ratio_mean"] == 1.0 and fast["clip_frac_low"] == fast["clip_frac_high"] == 0.0
+        for k in ("loss", "grad_norm", "kl_mean", "ratio_mean", "clip_frac_low", "clip_frac_high", "tokens"):
+            assert fast[k] == slow[k], k
+        assert fast["entropy"] == pytest.approx(slow["entropy"], rel=1e-5)
+        assert fast["time/logprob"] >= 0
+
+
+def test_rollout_correction_keeps_the_old_logprob_pass(tmp_path):
+    cfg = load_config(TINY, [f'train.output_dir="{tmp_path}"'])
+    trainer = Trainer(cfg)
+    cfg.rollout.sampler, cfg.rollout.vllm.is_correction = "vllm", True  # decision only: nothing runs
+    assert not trainer._on_policy()
