@@ -198,3 +198,22 @@ def test_default_bf16_autocast_agrees_to_bf16_rounding(model_dir, batches, tmp_p
     for name in want:
         scale = want[name].abs().max()
         assert (got[name] - want[name]).abs().max() <= 3e-2 * scale + 1e-7, name
+
+
+def test_on_policy_beta_zero_is_one_fused_pass(monkeypatch):
+    """On-policy with beta = 0 runs only `fused_linear_policy_loss(old_logprobs=None)`: no separate
+    `fused_linear_logprobs` sweep (the loss / grads vs TRL are checked by test_loss_and_grads_match_trl)."""
+    from wz_engine.integrations import trl as trl_mod
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("fused_linear_logprobs called on the one-pass route")
+
+    monkeypatch.setattr(trl_mod._logprob, "fused_linear_logprobs", no_second_pass)
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(6, 8, generator=g), torch.randn(17, 8, generator=g)
+    targets, seq_ids = torch.randint(0, 17, (6,), generator=g), torch.tensor([0, 0, 0, 1, 1, 2])
+    norm = trl_mod.trl_loss_normalisation("grpo", num_sequences=3, max_completion_length=4, num_items_in_batch=None,
+                                          num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
+    loss, metrics = trl_mod.fused_grpo_loss(hidden, weight, targets, None, torch.randn(6, generator=g), seq_ids,
+                                            norm=norm)
+    assert torch.isfinite(loss) and float(metrics["ratio_mean"]) == 1.0

@@ -7,9 +7,10 @@ Only the training loss changes. TRL runs the policy through its LM head in chunk
 log-probabilities [B, T], then evaluates the clipped objective in torch. `WZGRPOTrainer` runs the backbone
 once, takes the last hidden states of the scored completion tokens [N, H] and the LM head weight [V, H]
 (the same route TRL's fused LM head takes), and hands them to the fused kernels; the [N, V] logits never
-exist. With old log-probabilities and beta = 0 that is one `fused_linear_policy_loss` pass (gradients formed
-in the forward, no recompute); on-policy (TRL's default: old = current, detached) or with beta > 0 it is
-`fused_linear_logprobs` (chunked, differentiable) followed by `policy_loss` and TRL's KL on [N] vectors.
+exist. With beta = 0 that is one `fused_linear_policy_loss` pass (gradients formed in the forward, no
+recompute), off-policy and on-policy alike (TRL's default on-policy step, old = current detached, is the
+kernel's `old_logprobs=None`); with beta > 0 it is `fused_linear_logprobs` (chunked, differentiable)
+followed by `policy_loss` and TRL's KL on [N] vectors.
 
 Precision: under `bf16=True` (TRL's default) TRL autocasts its LM head to bf16; ours computes the head in the
 weight's dtype (fp32 master weights -> fp32 logits), so the two agree to bf16 rounding; with fp32 they agree
@@ -167,14 +168,16 @@ def fused_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     as verl's), times the differentiable importance ratio exp(logp - old) when `kl_importance_weighted` (TRL's
     `use_bias_correction_kl`). The loss is before `norm.divisor`.
 
-    Off-policy with beta = 0 the whole loss is one `fused_linear_policy_loss` pass (no recompute in backward).
-    Otherwise the log-probabilities come from `fused_linear_logprobs` (differentiable, still chunked over the
-    vocabulary) and the objective from `policy_loss` on [N] vectors, plus the KL in torch on [N] vectors: on-policy
-    the ratio needs the log-probabilities' own values as "old", which only exist after the vocabulary sweep.
+    With beta = 0 the whole loss is one `fused_linear_policy_loss` pass (6NHV flops, no recompute in backward);
+    on-policy it takes each chunk's own detached log-probabilities as old inside that pass (`old_logprobs=None`),
+    which is TRL's `old = per_token_logps.detach()`. With beta > 0 the log-probabilities come from
+    `fused_linear_logprobs` (differentiable, chunked over the vocabulary, 8NHV flops) and the objective from
+    `policy_loss` on [N] vectors, plus TRL's KL in torch on [N] vectors: TRL's k3 is unclamped and, with
+    `use_bias_correction_kl`, weighted by the differentiable ratio, neither of which the kernel's KL term is.
     """
     ones = torch.ones_like(targets, dtype=torch.float32)
     options = dict(seq_ids=seq_ids, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, **norm.agg_kwargs())
-    if old_logprobs is not None and kl_coef == 0.0:
+    if kl_coef == 0.0:  # one vocabulary pass; old_logprobs None = on-policy inside the kernel
         return _logprob.fused_linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, ones, bias=bias,
                                                    temperature=temperature, **options)
     logprobs = _logprob.fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
