@@ -136,6 +136,10 @@ class AlgorithmConfig:
     """BRPO: judge calls per order; a rollout wins only by winning all 2 x votes comparisons.
     With judge.kind = "genrm" this and `judge.genrm.votes` are one setting: 1 counts as unset, so
     setting either one sets both (validate() copies it over); two different values > 1 are an error."""
+    recompute_old_logprobs: bool = False
+    """Run the separate old-logprob pass even on-policy. The trainer takes one optimizer step per
+    rollout batch, so by default it skips that pass (old = the current log-probs: ratio 1, no
+    clipping, one vocabulary pass fewer). The pass always runs with vLLM IS correction."""
     inconsistent: Literal["lose", "tie"] = "lose"
     """BRPO: a rollout that wins some but not all comparisons scores -1 ("lose") or 0 ("tie")."""
     skew_threshold: float = 0.6

@@ -231,7 +231,7 @@ class Trainer:
         self.last_sample: dict | None = None
         # Escape hatch from the on-policy fast path (`_on_policy`): run the separate old-logprob pass
         # anyway. Read from the config when it has the field, settable on the trainer.
-        self.recompute_old_logprobs = bool(getattr(cfg.algorithm, "recompute_old_logprobs", False))
+        self.recompute_old_logprobs = cfg.algorithm.recompute_old_logprobs
 
         if resume:
             path = ckpt.latest_checkpoint(self.out)

@@ -79,10 +79,9 @@ def test_on_policy_fast_path_skips_old_logprob_pass_and_matches_it(tmp_path, mon
         monkeypatch.setattr(train_mod, "packed_logprobs",
                             lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
         cfg = load_config(TINY, [f'train.output_dir="{tmp_path / str(recompute)}"', "train.steps=3",
-                                 "algorithm.kl_coef=0.05"])
+                                 "algorithm.kl_coef=0.05", f"algorithm.recompute_old_logprobs={str(recompute).lower()}"])
         trainer = Trainer(cfg)
-        assert trainer._on_policy()
-        trainer.recompute_old_logprobs = recompute
+        assert trainer._on_policy() == (not recompute)
         trainer.fit()
         old_passes = sum(m is trainer.policy for m in calls)
         assert old_passes == (3 if recompute else 0)
