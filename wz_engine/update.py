@@ -136,11 +136,11 @@ def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[
     Returns this step's global metrics (loss summed over micro-batches and ranks; the clip fractions,
     ratio, KL and, on-policy, entropy as token-weighted means)."""
     on_policy = old_lps is None
-    sums = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac_dual": 0.0,
-            "ratio_mean": 0.0, "kl_mean": 0.0}
-    if on_policy:
-        sums["entropy"] = 0.0
-    tokens = 0.0
+    # Token-weighted metric sums accumulate on the device and cross to the host once per step:
+    # reading them per micro-batch would stall the GPU between micro-batches.
+    mean_keys = ["clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean"]
+    keys = ["loss", *mean_keys, *(["entropy"] if on_policy else [])]
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)  # [metrics..., tokens]
     options = dict(clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
                    kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg, loss_scale=opts.loss_scale,
                    global_tokens=ub.global_tokens, global_seqs=ub.global_seqs)
@@ -155,20 +155,17 @@ def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[
                     return_entropy=on_policy)
         loss, metrics = out[:2]
         loss.backward()
-        n = float(mask.sum())
-        sums["loss"] += float(loss.detach())
+        n = mask.sum().to(torch.float64)
+        row = [loss.detach().to(torch.float64)] + [metrics[k].to(torch.float64) * n for k in mean_keys]
         if on_policy:
-            sums["entropy"] += float((out[2] * mask).sum())
-        for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean"):
-            sums[k] += float(metrics[k]) * n
-        tokens += n
-    keys = list(sums)
-    reduced = wzdist.all_reduce(torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64))
-    total_tokens = max(float(reduced[-1]), 1.0)
-    out = {"loss": float(reduced[0])}
+            row.append((out[2] * mask).sum().to(torch.float64))
+        sums += torch.stack(row + [n])
+    reduced = wzdist.all_reduce(sums).tolist()  # the step's one host sync
+    total_tokens = max(reduced[-1], 1.0)
+    result = {"loss": reduced[0]}
     for j, k in enumerate(keys[1:], start=1):
-        out[k] = float(reduced[j]) / total_tokens
-    return out
+        result[k] = reduced[j] / total_tokens
+    return result
 
 
 def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
