@@ -25,7 +25,7 @@ status=0
 echo "=== GPU correctness (pytest -m gpu) ==="
 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider || status=1
 
-for name in advantage policy_loss logprob attention weight_sync trl_step; do
+for name in advantage policy_loss logprob attention weight_sync trl_step train_step; do
   echo "=== bench $name ==="
   timeout 300 python3 -m bench "$name" --device cuda $quick || { echo "bench $name failed"; status=1; }
 done
