@@ -97,12 +97,7 @@ class WeightSyncer:
             del tensors, pending
             # Request the next bucket's gathers before the (possibly slow) load of this one.
             pending = source.fetch(buckets[i + 1].names) if i + 1 < len(buckets) else []
-            t_load = time.perf_counter()
-            load(unpack_bucket(buf, bucket))
-            stats.load_seconds += time.perf_counter() - t_load
-            stats.nbytes += sum(e.nbytes for e in bucket.entries)
-            stats.tensors += len(bucket.entries)
-            stats.buckets += 1
+            _load_bucket(buf, bucket, load, stats)
         _synchronize(self.device)
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -133,12 +128,17 @@ class WeightSyncer:
             else:
                 buf = self._buffer(i % 2, capacity)
                 buf[: bucket.nbytes].copy_(host, non_blocking=True)
-            t_load = time.perf_counter()
-            load(unpack_bucket(buf, bucket))
-            stats.load_seconds += time.perf_counter() - t_load
-            stats.nbytes += sum(e.nbytes for e in bucket.entries)
-            stats.tensors += len(bucket.entries)
-            stats.buckets += 1
+            _load_bucket(buf, bucket, load, stats)
         _synchronize(self.device)
         stats.seconds = time.perf_counter() - t0
         return stats
+
+
+def _load_bucket(buf: torch.Tensor, bucket: Bucket, load: LoadFn, stats: SyncStats) -> None:
+    """Hand one packed bucket to the engine's loader and account for it in `stats`."""
+    t_load = time.perf_counter()
+    load(unpack_bucket(buf, bucket))
+    stats.load_seconds += time.perf_counter() - t_load
+    stats.nbytes += sum(e.nbytes for e in bucket.entries)
+    stats.tensors += len(bucket.entries)
+    stats.buckets += 1
