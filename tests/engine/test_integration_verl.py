@@ -5,6 +5,7 @@ Jan 2026) line by line, including their per-sample Python loops, in float64. ver
 (it does not install cleanly on a CPU machine).
 """
 
+import math
 import uuid
 from collections import defaultdict
 from types import SimpleNamespace
@@ -182,6 +183,21 @@ def test_kl_penalty_matches_verl(name):
     y = logp.clone().requires_grad_(True)
     verl_kl(y, ref, grad_name).sum().backward()
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, want", [
+    ("k1", [1.0, -1.0, 30.0]),
+    ("abs", [1.0, 1.0, 30.0]),
+    ("k2", [0.5, 0.5, 450.0]),
+    # exp(-d) + d - 1 with -d clamped to +-20, then the value to +-10
+    ("low_var_kl", [math.exp(-1.0), math.e - 2.0, 10.0]),
+])
+def test_kl_penalty_hand_computed(name, want):
+    """Hand values, independent of both the library and the transcription above: d = logp - ref."""
+    logp = torch.tensor([-1.0, -2.0, 0.0])
+    ref = torch.tensor([-2.0, -1.0, -30.0])  # d = 1, -1, 30 (the last hits both clamps for k3)
+    got = wz_verl.kl_penalty(logp, ref, name)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
 def uids(kind, b):
