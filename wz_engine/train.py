@@ -579,9 +579,12 @@ def export_model(lm, tokenizer, out_dir: str | Path, state_dict: dict | None = N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = policy_state_dict(lm.state_dict() if state_dict is None else state_dict)
-    if getattr(lm, "_hf_peft_config_loaded", False):
-        # transformers saves only the adapter of a model with adapters loaded: save through a
-        # parameter-free (meta) instance of the plain architecture instead.
+    from wz_engine.judge.sharing import has_injected_adapter
+
+    if getattr(lm, "_hf_peft_config_loaded", False) or has_injected_adapter(lm):
+        # transformers saves only the adapter of a model with adapters loaded, and an injected one
+        # renames the wrapped linears: save through a parameter-free (meta) instance of the plain
+        # architecture instead.
         with torch.device("meta"):
             plain = type(lm)(copy.deepcopy(lm.config))
         plain.generation_config = copy.deepcopy(lm.generation_config)

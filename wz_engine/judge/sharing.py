@@ -3,7 +3,9 @@
 - "self": the judge samples from the live policy module through the policy's own HFSampler path:
   zero extra parameters.
 - "lora": a peft LoRA adapter (a local adapter directory) is injected into the policy module itself
-  (transformers' peft integration, `model.load_adapter`) over the same base weights. The adapter is
+  (peft's own `inject_adapter_in_model` + `set_peft_model_state_dict`; transformers' `load_adapter`
+  wrapper is avoided because its releases demand peft versions newer than the ones published) over
+  the same base weights. The adapter is
   DISABLED by default, so the policy's training forward and its rollouts see the plain base weights;
   `AdapterScopedSampler` enables it only for the duration of a judge `generate` call. The adapter is
   frozen, the base weights keep their `requires_grad`. Extra memory: the adapter's parameters.
@@ -65,12 +67,11 @@ class AdapterScopedSampler:
 
     @contextlib.contextmanager
     def adapter_enabled(self):
-        self.model.enable_adapters()
-        self.model.set_adapter(self.adapter_name)
+        set_adapter_enabled(self.model, True, self.adapter_name)
         try:
             yield
         finally:
-            self.model.disable_adapters()
+            set_adapter_enabled(self.model, False, self.adapter_name)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         with self.adapter_enabled():
@@ -86,21 +87,69 @@ class AdapterScopedSampler:
         self.inner.wake_up()
 
 
+def _tuner_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def set_adapter_enabled(model: torch.nn.Module, enabled: bool, adapter_name: str = JUDGE_ADAPTER) -> None:
+    """Switch an injected adapter on (and make it the active one) or off, layer by layer."""
+    layers = _tuner_layers(model)
+    if not layers:
+        raise ValueError(f"model: no peft adapter is injected (expected {adapter_name!r})")
+    for layer in layers:
+        if enabled:
+            layer.set_adapter(adapter_name)
+        layer.enable_adapters(enabled)
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError('judge.genrm.weight_sharing = "lora" needs peft: pip install "wz-engine[lora]" '
+                          '(or pip install peft)') from None
+    return peft
+
+
 def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: str = JUDGE_ADAPTER) -> int:
     """Inject a frozen LoRA adapter into `model`, disabled; return its parameter bytes.
 
-    The base weights' `requires_grad` flags are kept (load_adapter freezes them otherwise).
+    Goes through peft's public API directly (config, injection, state dict), so it works with any
+    transformers the project's range admits. The base weights' `requires_grad` flags are kept.
     """
-    if not hasattr(model, "load_adapter"):
-        raise ValueError("model: LoRA judging needs a transformers PreTrainedModel (peft integration)")
+    from pathlib import Path
+
+    peft = _import_peft()
+    from peft.utils import load_peft_weights
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise ValueError(f"lora_path: {adapter_path!r} holds no peft adapter (adapter_config.json is missing)")
     if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters()):
         # peft would wrap sharded linears with unsharded adapters; not supported on the hf backend
         raise ValueError('model: weight_sharing="lora" on the hf backend needs an unsharded (world size 1) '
                          'module; with FSDP2 use a separate "checkpoint" judge or the vllm sampler')
+    config = peft.PeftConfig.from_pretrained(adapter_path)
+    if config.peft_type != peft.PeftType.LORA:
+        raise ValueError(f"lora_path: {adapter_path!r} is a {config.peft_type} adapter, expected LORA")
+    config.inference_mode = True
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     before = {id(p) for p in model.parameters()}
-    model.load_adapter(adapter_path, adapter_name=adapter_name)
-    model.disable_adapters()
+    try:
+        peft.inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except Exception as e:  # version skew between peft and the model's modules
+        import transformers
+
+        raise RuntimeError(f"injecting the LoRA judge {adapter_path!r} failed with peft {peft.__version__} and "
+                           f"transformers {transformers.__version__}: {e}") from e
+    weights = load_peft_weights(adapter_path, device=str(next(model.parameters()).device))
+    result = peft.set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"lora_path: {len(unexpected)} adapter tensors do not fit the model, "
+                         f"e.g. {unexpected[0]!r}")
+    set_adapter_enabled(model, False, adapter_name)
     added = [p for p in model.parameters() if id(p) not in before]
     for name, p in model.named_parameters():
         if id(p) in before:
@@ -109,6 +158,14 @@ def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: s
         else:
             p.requires_grad_(False)
     return sum(p.numel() * p.element_size() for p in added)
+
+
+def has_injected_adapter(model: torch.nn.Module) -> bool:
+    """Whether peft tuner layers (e.g. the LoRA judge) live inside `model`."""
+    try:
+        return bool(_tuner_layers(model))
+    except ImportError:
+        return False
 
 
 def build_judge_engine(
