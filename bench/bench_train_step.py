@@ -4,7 +4,7 @@ TRL way, on the same rollouts.
 `python -m bench train_step --device cpu` prints time, peak memory (peak RSS growth on CPU, peak CUDA
 allocation on GPU) and model TFLOP/s per step; the `tokens` column is the real (unpadded prompt + response)
 token count of the step, so tokens/s = tokens / ms * 1000 (the same count for both providers).
-    wz        what the trainer does (wz_engine/train.py `update`): `pack_for_update` into token-budget
+    wz        what the trainer does (wz_engine/trainer.py `Trainer.update`): `pack_for_update` into token-budget
               micro-batches, `accumulate_gradients` (FusedHeadCausalLM + fused_linear_policy_loss, on-policy
               old_logprobs=None, attention "wz_varlen"), `clip_and_norm`, AdamW step
     trl-way   the classic TRL GRPO recipe: left-padded prompts + right-padded completions [B, T], sdpa,

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("out_dir")
         p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
         args = p.parse_args(rest)
-        from wz_engine.train import export_run
+        from wz_engine.export import export_run
 
         print(export_run(args.run_dir, args.out_dir, args.checkpoint))
         return 0

@@ -6,7 +6,7 @@ import torch
 
 from wz_engine import checkpoint as ckpt
 from wz_engine.config import load_config
-from wz_engine.train import Trainer
+from wz_engine.trainer import Trainer
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 

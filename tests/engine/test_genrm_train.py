@@ -13,7 +13,7 @@ import torch
 from wz_engine.config import load_config
 from wz_engine.judge import GenRM
 from wz_engine.judge.scripted import ScriptedSampler
-from wz_engine.train import Trainer
+from wz_engine.trainer import Trainer
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wz_engine.config import load_config
-from wz_engine.train import Trainer
+from wz_engine.trainer import Trainer
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 
@@ -47,7 +47,7 @@ def test_packed_varlen_attention_matches_sdpa(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    import wz_engine.train as train_mod
+    import wz_engine.trainer as train_mod
 
     cfg = load_config(TINY, [f'train.output_dir="{tmp_path}"', "train.steps=5", "train.max_nonfinite_steps=2"])
     trainer = Trainer(cfg)
@@ -70,7 +70,7 @@ def test_on_policy_fast_path_skips_old_logprob_pass_and_matches_it(tmp_path, mon
     """One update per rollout batch: the old-logprob pass is skipped, and three steps (several
     micro-batches each, KL against a reference model) end at the same weights and metrics as with
     the separate pass (`recompute_old_logprobs`)."""
-    import wz_engine.train as train_mod
+    import wz_engine.trainer as train_mod
 
     real = train_mod.packed_logprobs
     runs = {}

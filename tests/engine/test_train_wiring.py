@@ -17,14 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import wz_engine.train as train_mod
+import wz_engine.export as export_mod
+import wz_engine.trainer as train_mod
+from tests.engine.test_vllm_sampler import StandInLLM, StandInLoRARequest, StandInModel, StandInSamplingParams
+from wz_engine.build import HF_CONFIG_DIR, TOKENIZER_DIR
 from wz_engine.config import ConfigError, load_config
 from wz_engine.judge.base import PairwiseRequest, Verdict
+from wz_engine.modeling import FusedHeadCausalLM
 from wz_engine.rewards.brpo import assemble_brpo_rewards
 from wz_engine.rollout.vllm import VLLMApi, VLLMSampler
 from wz_engine.update import apply_rollout_correction, pack_for_update
-from tests.engine.test_vllm_sampler import (StandInLLM, StandInLoRARequest, StandInModel,
-                                            StandInSamplingParams)
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 GENRM = ['judge.kind="genrm"']
@@ -184,7 +186,7 @@ def test_trainer_step_on_the_vllm_sampler(tmp_path, monkeypatch):
     assert all(sp.logprobs == 0 for _, params, _ in llm.generate_requests for sp in params)
     # the HF module was synced (vLLM names): the engine holds the trainer's weights after the step
     hf = trainer.hf_model()
-    assert hf is trainer.policy.model and not isinstance(hf, train_mod.FusedHeadCausalLM)
+    assert hf is trainer.policy.model and not isinstance(hf, FusedHeadCausalLM)
     assert all(torch.equal(llm.model.weights[n], p.detach().to(torch.bfloat16)) for n, p in hf.named_parameters())
     assert trainer.sampler.weight_version == 1
     for key in ("tis/mean_abs_logp_diff", "tis/frac_capped", "tis/max_ratio", "sync/seconds", "sync/gbps",
@@ -256,14 +258,14 @@ def test_export_with_a_lora_judge_writes_the_policy_only(tmp_path, tied):
         assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
     # in-process export (export_at_end path)
-    train_mod.export_model(policy, tok, tmp_path / "export")
+    export_mod.export_model(policy, tok, tmp_path / "export")
     check(tmp_path / "export")
 
     # `wz export`: a checkpoint written with the adapter injected, loaded into a plain model
     run = tmp_path / "run"
-    wrapped = train_mod.FusedHeadCausalLM(policy)
+    wrapped = FusedHeadCausalLM(policy)
     path = ckpt.save_checkpoint(run, 1, wrapped, torch.optim.AdamW(wrapped.parameters()), {"step": 1}, {}, 0)
-    tok.save_pretrained(str(run / train_mod.TOKENIZER_DIR))
-    policy.config.save_pretrained(str(run / train_mod.HF_CONFIG_DIR))
-    train_mod.export_run(run, tmp_path / "export2", path)
+    tok.save_pretrained(str(run / TOKENIZER_DIR))
+    policy.config.save_pretrained(str(run / HF_CONFIG_DIR))
+    export_mod.export_run(run, tmp_path / "export2", path)
     check(tmp_path / "export2")

@@ -18,12 +18,13 @@ DEMO_CONFIG = Path(__file__).with_name("demo_cpu.toml")
 
 def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
     from wz_engine import distributed as wzdist
+    from wz_engine.build import build_reward_source, build_tokenizer_and_model
     from wz_engine.config import load_config
     from wz_engine.demo.evaluate import pairwise_win_rate
     from wz_engine.metrics import plot_run
     from wz_engine.rollout.base import SamplingParams
     from wz_engine.rollout.hf import HFSampler
-    from wz_engine.train import Trainer, build_reward_source, build_tokenizer_and_model
+    from wz_engine.trainer import Trainer
 
     cfg = load_config(DEMO_CONFIG, list(overrides))
     start = time.perf_counter()
