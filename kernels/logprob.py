@@ -32,23 +32,61 @@ Recompute vs. grads-in-forward:
     it computes d hidden / d weight / d bias there (6NHV flops, one pass over the tiles) and the
     backward only scales them by the upstream scalar.
 
-d weight accumulation precision (`grad_accum_dtype`): by default d weight and d bias are accumulated
-across chunks in float32 and cast to the weight's dtype once at the end (exact to one rounding, costs
-a V x H float32 buffer). `grad_accum_dtype=None` accumulates in the weight's own dtype (bf16 on GPU:
-saves V x H x 2 bytes, adds one rounding per chunk - what Liger does).
+d weight accumulation (`grad_accum_dtype`): each chunk's product dlogits_c^T @ hidden_c is one GEMM
+accumulating in float32; what `grad_accum_dtype` sets is the accumulator kept ACROSS the k = N / C chunks.
+  * None (the default): the weight's dtype. On CUDA with bf16 weights that is cuBLAS addmm_ with
+    beta = 1 into the bf16 d weight itself (float32 math, one bf16 rounding per chunk): no extra
+    memory, full tensor-core rate. What Liger's fused linear cross entropy does.
+  * torch.float32: exact to one final rounding, at V x H x 4 bytes of extra memory (2.5 GB at
+    V=151936, H=4096). On CUDA a Triton kernel adds the 16-bit chunk product into the float32 tile
+    (`_dweight_accumulate_kernel`). torch's own `addmm(acc, a, b, out_dtype=float32, out=acc)` accepts a
+    float32 `self` only since pytorch PR #167931 (merged 2025-11-16: torch >= 2.10; before it raises
+    "self and mat2 must have the same dtype", which the old code swallowed, then upcast both operands
+    with TF32 off); this package supports torch >= 2.6, the update is memory-bound (K = C), so cuBLAS
+    would not be faster, and the kernel is tested on CPU under the interpreter and compile-audited.
+  Anything else (e.g. float64 from float32 chunks) upcasts the operands first: it warns once and is
+  counted in `DWEIGHT_PATHS["fallback"]`, which tests assert stays 0 on the production paths.
+  Precision of the default, measured against float64 on CPU through this module's own accumulation
+  (`python -m bench.dweight_precision`: N=16384, H=64, V=4096, bf16, loss = mean logp; the bf16 GEMM
+  is MKL's there, float32 accumulation with one rounding per call as in cuBLAS), as max |err| / max |dW|:
+      chunks k:                    1        8        32       64       128      256
+      bf16 accumulator (default)   2.8e-3   6.3e-3   2.0e-2   4.6e-2   6.5e-2   1.2e-1
+      float32 accumulator          2.8e-3   2.8e-3   2.8e-3   2.8e-3   2.8e-3   2.8e-3
+      torch's bf16 autograd        2.8e-3 (one GEMM over all N; its error is the bf16 logits tile's)
+  (RMS relative error 1.7e-3 at k = 1, 3.5e-3 at 8, 1.2e-2 at 64, 4.9e-2 at 256; with 4x larger logits
+  the growth is slower: 1.3e-2 max at k = 64.) The error grows about linearly in k, within (1 + k / 2)
+  x torch's in every measurement; at the production shape k = 60 (C = 276), so the default's d weight
+  is ~15x torch's bf16 error (~1% RMS): fine for Adam-style RL updates, which is why it is the
+  default; pass grad_accum_dtype=torch.float32 where exactness matters more than 2.5 GB. d hidden
+  (one GEMM per chunk over the full V) and d bias are unaffected. An exact bounded-memory alternative
+  (a second sweep over vocabulary slices, dW[v] = dlogits[:, v]^T @ hidden with K = N) costs 2NHV more
+  GEMM flops and is not implemented.
 
 Ignored positions (targets == ignore_index) give logprob 0, entropy 0 and no gradient.
 
 Memory: one [C, V] workspace (reused by every chunk), d hidden [N, H], the d weight accumulator
 [V, H] and O(N) vectors. At N=4096, H=256, V=32000 fp32 on CPU, forward+backward grows peak RSS by
 ~105 MB against ~1.5 GB for matmul + log_softmax (tests/kernels/test_logprob.py asserts <= 10%).
+Extra memory on CUDA at N=16384, H=4096, V=151936, bf16, defaults (beyond the inputs, the outputs and
+the gradients d hidden [N, H] bf16 = 128 MiB and d weight [V, H] bf16 = 1.16 GiB that autograd hands
+back), forward + backward of either op:
+    [C, V] logits / d logits workspace, C = 80 MiB // (V x 2) = 276:  276 x 151936 x 2 = 83.9 MB
+    lse, logp, entropy, g [N] float32 (+ the policy loss's weights [N]):   <= 5 x 65.5 KB = 0.3 MB
+    per-chunk [C] vectors and stat partials:                                          < 0.1 MB
+    d hidden rows are written by torch.mm(out=) (no [C, H] temporary); the policy loss scales its
+    gradients in place in backward (no second [V, H]); d weight is accumulated in its own bf16 storage
+    total                                                                            ~84.3 MB <= 100 MB
+(cuBLAS's own workspace, allocated once per stream by the first GEMM of the process, is not counted.)
+tests/kernels/test_logprob.py::test_gpu_production_shape_fast_path_and_memory measures it on a GPU.
 Possible next step on CPU, where N x H is small next to V x H: walk vocabulary slices instead of
 token chunks (online LSE across slices; d weight slices written once, no re-reads of the weight).
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,34 +111,46 @@ class ChunkPlan:
     """Dtype of logprobs / entropy (float64 only for the upcast reference)."""
 
 
-# Logits-tile budget in elements. CPU: 2^24 fp32 = 64 MB (C = 524 at V = 32000): each chunk re-reads
-# the V x H weight three times and read-modify-writes the d weight accumulator, so smaller tiles are
-# memory-bound (C = 64 costs ~2x the CPU time of C = 512 at H = 256), while the peak stays ~100 MB,
-# far below N x V (the memory-ceiling test: ~1.5 GB naive). GPU: 2^27
-# elements (256 MB in bf16) keeps M = C large enough for full-rate GEMMs at a 152k vocabulary.
-_TILE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
+# Logits-tile budget in bytes (C = budget / (V x itemsize of the compute dtype)).
+# CPU: 64 MiB (2^24 fp32 elements, C = 524 at V = 32000): each chunk re-reads the V x H weight three
+# times and read-modify-writes the d weight accumulator, so smaller tiles are memory-bound (C = 64
+# costs ~2x the CPU time of C = 512 at H = 256), while the peak stays ~100 MB, far below N x V (the
+# memory-ceiling test: ~1.5 GB naive).
+# CUDA: 80 MiB, so that forward + backward at N=16384, H=4096, V=151936 bf16 stays within the 100 MB
+# extra-memory target (bytes counted in the module docstring): C = 276 there (327 at V = 128256), 138
+# in fp32. Each chunk's logits and d hidden GEMMs then do C flops per weight byte read, above the
+# H100/H200 ridge (~185-230 flops/byte), while the d weight update (K = C) read-modify-writes the
+# [V, H] accumulator: memory-bound below C ~ 400 (bf16). A larger `chunk_size` trades memory for that.
+_TILE_BYTES = {"cpu": 64 << 20, "cuda": 80 << 20}
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per [C, V] logits tile from the per-device byte budget (at least 1, at most num_tokens)."""
+    budget = _TILE_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, min(num_tokens, budget // (max(vocab, 1) * itemsize)))
 
 
 def _plan(hidden, weight, chunk_size, grad_accum_dtype, *, upcast: bool, reference: bool) -> ChunkPlan:
     N, V = hidden.shape[0], weight.shape[0]
-    if chunk_size is None:
-        budget = _TILE_ELEMENTS["cuda" if hidden.device.type == "cuda" else "cpu"]
-        chunk_size = max(1, budget // max(V, 1))
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    chunk_size = max(1, min(chunk_size, N))
     if upcast:
         compute = torch.float64
     elif reference and hidden.dtype in (torch.float16, torch.bfloat16):
         compute = torch.float32  # the CPU specification: low precision inputs, float32 math
     else:
         compute = hidden.dtype
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, V, compute, hidden.device)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = max(1, min(chunk_size, N))
     keep = upcast or grad_accum_dtype is None
     accum = compute if keep else torch.promote_types(grad_accum_dtype, compute)
     return ChunkPlan(chunk_size, compute, accum, torch.float64 if upcast else torch.float32)
 
 
-def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
+def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index, *,
+                  host_check_targets: bool = True):
     check_tensor(op, "hidden", hidden, ndim=2, floating=True)
     device = hidden.device
     N, H = hidden.shape
@@ -121,7 +171,9 @@ def _check_inputs(op, hidden, weight, targets, bias, temperature, ignore_index):
     if not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     V = weight.shape[0]
-    if N and not torch.compiler.is_compiling():  # data-dependent check: a graph break under compile
+    # The range check reads the targets on the host: free on CPU, a device sync on CUDA. The Triton
+    # path checks in its kernel instead (an out-of-range target gives a NaN log-prob, no sync).
+    if N and host_check_targets and not torch.compiler.is_compiling():  # data-dependent: graph break
         bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -264,9 +316,10 @@ if triton_available():
             m = m_new
         log_s0 = tl.log(s0)
         lse = m + log_s0
-        safe_t = tl.where(valid, target, 0)
-        z_t = tl.load(base + safe_t).to(tl.float32) * inv_temp
-        logp = tl.where(valid, z_t - lse, 0.0)
+        # range check in the kernel (the host check would sync): out of range -> NaN, no stray read
+        in_range = (target >= 0) & (target < V)
+        z_t = tl.load(base + tl.where(valid & in_range, target, 0)).to(tl.float32) * inv_temp
+        logp = tl.where(valid, tl.where(in_range, z_t - lse, float("nan")), 0.0)
         tl.store(logp_ptr + row, logp)
         tl.store(lse_ptr + row, lse)
         if WITH_ENTROPY:
@@ -299,6 +352,51 @@ if triton_available():
                 dz -= g_en * p * (logp_j + ent)
             dz = dz * inv_temp
             tl.store(base + cols, dz.to(logits_ptr.dtype.element_ty), mask=inb)
+
+    @triton.jit
+    def _dweight_accumulate_kernel(
+        acc_ptr, stride_acc,  # [V, H] float32 accumulator, read-modify-written
+        dlogits_ptr, stride_dl,  # [C, V] 16-bit d logits tile (row-major: the chunk's workspace)
+        hidden_ptr, stride_h,  # [C, H] 16-bit hidden rows of the chunk
+        V, H, C,
+        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # acc[v, h] += sum_c dlogits[c, v] * hidden[c, h]: 16-bit tensor-core MMAs accumulating in
+        # float32 registers on top of the loaded float32 tile, one store. The H tiles of one V tile are
+        # consecutive program ids, so they run together and share its [C, BLOCK_V] slice through L2.
+        pid = tl.program_id(0)
+        n_h = tl.cdiv(H, BLOCK_H)
+        pid_v, pid_h = pid // n_h, pid % n_h
+        rows_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        in_v, in_h = rows_v < V, cols_h < H
+        acc_ptrs = acc_ptr + rows_v.to(tl.int64)[:, None] * stride_acc + cols_h[None, :]
+        acc_mask = in_v[:, None] & in_h[None, :]
+        acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
+        for start in range(0, C, BLOCK_C):
+            ks = start + tl.arange(0, BLOCK_C)
+            in_c = ks < C
+            a = tl.load(dlogits_ptr + ks.to(tl.int64)[:, None] * stride_dl + rows_v[None, :],
+                        mask=in_c[:, None] & in_v[None, :], other=0.0)  # [BLOCK_C, BLOCK_V]
+            b = tl.load(hidden_ptr + ks.to(tl.int64)[:, None] * stride_h + cols_h[None, :],
+                        mask=in_c[:, None] & in_h[None, :], other=0.0)  # [BLOCK_C, BLOCK_H]
+            if UPCAST:  # the interpreter multiplies bf16 bits as integers in tl.dot
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc)
+        tl.store(acc_ptrs, acc, mask=acc_mask)
+
+    def _dweight_accumulate_triton(acc, dlogits, h_c):
+        """acc [V, H] float32 += dlogits^T [V, C] @ h_c [C, H] (16-bit operands, unit inner strides)."""
+        C, V = dlogits.shape
+        H = h_c.shape[1]
+        assert acc.stride(1) == 1 and dlogits.stride(1) == 1 and h_c.stride(1) == 1
+        cfg = _DWEIGHT_CONFIG_INTERPRETER if interpreting() else _DWEIGHT_CONFIG
+        grid = (triton.cdiv(V, cfg.block_v) * triton.cdiv(H, cfg.block_h),)
+        _dweight_accumulate_kernel[grid](
+            acc, acc.stride(0), dlogits, dlogits.stride(0), h_c, h_c.stride(0), V, H, C,
+            BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, UPCAST=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     def _block_v(V: int) -> int:
         cap = 1024 if interpreting() else 4096
@@ -398,18 +496,54 @@ def _tile_logits(h_c, weight_c, bias_c, out):
     return torch.addmm(bias_c, h_c, weight_c.T, out=out)
 
 
+@dataclass(frozen=True)
+class _DWeightConfig:
+    """Tiles of `_dweight_accumulate_kernel` (one program per [block_v, block_h] tile of d weight)."""
+
+    block_v: int
+    block_h: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+# sm_90, Triton 3.6, offline compile through this launcher at V=151936/128256, H=4096, bf16 and fp16:
+#   64x128x64, 4 warps, 2 stages: 134 registers, 0 spills, 48 KB shared -> 3 blocks (12 warps) per SM
+#   128x128x32, 8 warps, 3 stages: 162 registers, 64 KB -> 1 block per SM;  64x64x64: 72 regs, 4 blocks
+# The update is memory-bound (it reads and writes the float32 [V, H] tile once per chunk, K = C is
+# small), so the pick is the most warps in flight per SM without halving the tile (which doubles the
+# L2 re-reads of the [C, V] d logits slice).
+_DWEIGHT_CONFIG = _DWeightConfig(block_v=64, block_h=128, block_c=64, num_warps=4, num_stages=2)
+_DWEIGHT_CONFIG_INTERPRETER = _DWeightConfig(block_v=64, block_h=64, block_c=64, num_warps=4, num_stages=1)
+
+DWEIGHT_PATHS: collections.Counter = collections.Counter()
+"""How each chunk's d weight update ran, by path (tests and benchmarks read it): "gemm" (a library
+GEMM in the accumulator's own dtype), "triton-fp32" (the Triton kernel adding 16-bit products into a
+float32 accumulator), "fallback" (operands upcast to the accumulator's dtype first: slow, warns once)."""
+_FALLBACK_WARNED: set = set()
+
+
 def _accumulate_weight_grad(acc, dlogits, h_c):
     """acc [V,H] += dlogits^T [V,C] @ h_c [C,H], accumulating in acc's dtype."""
     if acc.dtype == dlogits.dtype:
+        # cuBLAS / MKL: float32 accumulation inside the GEMM, one rounding to acc's dtype per chunk
+        path = "gemm"
         acc.addmm_(dlogits.T, h_c)
-        return
-    if acc.is_cuda:
-        try:  # cuBLASLt writes a bf16 x bf16 product straight into a float32 accumulator
-            torch.addmm(acc, dlogits.T, h_c, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc.addmm_(dlogits.T.to(acc.dtype), h_c.to(acc.dtype))
+    elif (acc.dtype == torch.float32 and dlogits.dtype in (torch.float16, torch.bfloat16)
+          and triton_available() and (acc.is_cuda or interpreting())):
+        path = "triton-fp32"
+        _dweight_accumulate_triton(acc, dlogits, h_c)
+    else:
+        path = "fallback"
+        key = (acc.dtype, dlogits.dtype, acc.device.type)
+        if key not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(key)
+            warnings.warn(f"{OP}: d weight accumulates in {acc.dtype} from {dlogits.dtype} chunks by upcasting "
+                          "both operands first (no fast path for this combination); pass "
+                          "grad_accum_dtype=None to accumulate in the weight's dtype", stacklevel=4)
+        acc.addmm_(dlogits.T.to(acc.dtype), h_c.to(acc.dtype))
+    if not torch.compiler.is_compiling():
+        DWEIGHT_PATHS[path] += 1
 
 
 class _Chunks:
@@ -452,7 +586,10 @@ def _backward_sweep(chunks: _Chunks, dlogits_of, need_h, need_w, need_b, hidden_
     for s, e in chunks.ranges():
         h_c, dlogits = dlogits_of(s, e)
         if need_h:
-            d_hidden[s:e] = dlogits @ chunks.weight
+            if d_hidden.dtype == dlogits.dtype:
+                torch.mm(dlogits, chunks.weight, out=d_hidden[s:e])  # no [C, H] temporary
+            else:
+                d_hidden[s:e] = dlogits @ chunks.weight
         if need_w:
             _accumulate_weight_grad(d_weight, dlogits, h_c)
         if need_b:
@@ -516,6 +653,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None
 
 
+def _kernel_checks_targets(impl: str, hidden) -> bool:
+    """True where the Triton epilogue range-checks the targets itself (CUDA tensors on the Triton
+    path), so the input check skips its host-syncing read of them."""
+    return isinstance(hidden, torch.Tensor) and hidden.is_cuda and impl in ("auto", "triton") \
+        and triton_available()
+
+
 def _use_triton(impl: str, device, op: str) -> bool:
     backend = resolve_impl(impl, device, op=op)
     if backend == "cuda":
@@ -534,7 +678,7 @@ def fused_linear_logprobs_reference(
     ignore_index: int = -100,
     upcast: bool = False,
     chunk_size: int | None = None,
-    grad_accum_dtype: torch.dtype | None = torch.float32,
+    grad_accum_dtype: torch.dtype | None = None,
 ):
     """The plain-torch specification (and the CPU path): same contract as `fused_linear_logprobs`.
 
@@ -561,7 +705,7 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
-    grad_accum_dtype: torch.dtype | None = torch.float32,
+    grad_accum_dtype: torch.dtype | None = None,
 ):
     """Log-probability (and entropy) of `targets` under softmax((hidden @ weight^T + bias) / temperature).
 
@@ -575,13 +719,15 @@ def fused_linear_logprobs(
         ignore_index: target value whose position gets logprob 0, entropy 0 and no gradient.
         impl: "auto" | "reference" | "triton" (see wz_kernels._backend).
         chunk_size: tokens per [C, V] tile (default: from a per-device tile budget).
-        grad_accum_dtype: dtype d weight / d bias are accumulated in across chunks (None: weight dtype).
+        grad_accum_dtype: dtype d weight / d bias are accumulated in across chunks: None (default) the
+            weight's dtype, torch.float32 exact at V x H x 4 bytes (module docstring: precision).
 
     Returns:
         logprobs [N] float32 (and entropy [N] float32 when `return_entropy`). Differentiable with
         respect to hidden, weight and bias through both outputs. The [N, V] logits are never formed.
     """
-    _check_inputs(OP, hidden, weight, targets, bias, temperature, ignore_index)
+    _check_inputs(OP, hidden, weight, targets, bias, temperature, ignore_index,
+                  host_check_targets=not _kernel_checks_targets(impl, hidden))
     use_triton = _use_triton(impl, hidden.device, OP)
     plan = _plan(hidden, weight, chunk_size, grad_accum_dtype, upcast=False, reference=not use_triton)
     logp, ent = _FusedLinearLogprobs.apply(
@@ -663,7 +809,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_totals, _g_entropy):
-        d_hidden, d_weight, d_bias = (None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        # in place: the gradients are ours alone (a fresh [V, H] product would add a second d weight)
+        d_hidden, d_weight, d_bias = (None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return (d_hidden, d_weight, d_bias) + (None,) * 12
 
@@ -692,7 +839,7 @@ def fused_linear_policy_loss(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
-    grad_accum_dtype: torch.dtype | None = torch.float32,
+    grad_accum_dtype: torch.dtype | None = None,
     return_entropy: bool = False,
 ):
     """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
@@ -730,7 +877,8 @@ def fused_linear_policy_loss(
     """
     from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
 
-    _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index)
+    _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index,
+                  host_check_targets=not _kernel_checks_targets(impl, hidden))
     N = hidden.shape[0]
     per_token = (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs))
     for name, t in per_token:

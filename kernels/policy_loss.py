@@ -524,15 +524,28 @@ if triton is not None:
         tl.store(row + 7, tl.sum(acc_loss, 0))
 
 
+# CUDA launch, chosen from offline sm_90 compiles (Triton 3.6, ptxas -v) of this launcher at N = 2^24:
+#   BLOCK 2048, 8 warps (8 tokens/thread): 98-142 registers -> 1-2 blocks (8-16 warps) per SM
+#   BLOCK 1024, 8 warps (4 tokens/thread): 61-72 registers -> 3-4 blocks (24-32 warps) per SM
+#   BLOCK  512, 4 warps (4 tokens/thread): 61-72 registers -> 7-8 blocks (28-32 warps) per SM  <- used
+#   BLOCK  256, 2 warps (4 tokens/thread): 61-72 registers -> 14-16 blocks (28-32 warps) per SM
+# (ranges over the KL / dual-clip / scalar-weight variants; no spills, <= 4 KB shared memory anywhere).
+# The eight per-lane stat accumulators cost ~8 registers per token a thread owns, so 4 tokens per
+# thread (one 128-bit load per input) is the sweet spot. The kernel is memory-bound (~25 bytes per
+# token), so the goal is bytes in flight: 28 warps x 32 x 4 tokens x ~21 B read ~ 75 KB per SM, ~3x
+# what 4.3 TB/s x ~700 ns of latency needs across 132 SMs. The persistent grid is exactly one wave of
+# the least-resident variant (7 blocks per SM): every program is resident, none waits for a slot.
+_CUDA_BLOCK, _CUDA_WARPS, _CUDA_BLOCKS_PER_SM = 512, 4, 7
+
+
 def _launch_config(n: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK, num_programs, num_warps). The interpreter pays per program x loop step: few, wide tiles."""
     if device.type != "cuda":
         block = 256
         n_tiles = triton.cdiv(max(n, 1), block)
         return block, min(n_tiles, 4), 4
-    block = 2048
-    n_tiles = triton.cdiv(max(n, 1), block)
-    return block, min(n_tiles, 4 * _sm_count(device.index)), 8
+    n_tiles = triton.cdiv(max(n, 1), _CUDA_BLOCK)
+    return _CUDA_BLOCK, min(n_tiles, _CUDA_BLOCKS_PER_SM * _sm_count(device.index)), _CUDA_WARPS
 
 
 @functools.cache
