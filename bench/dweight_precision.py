@@ -54,8 +54,8 @@ def measure(N: int, H: int, V: int, chunk_counts, logit_scale: float = 1.0, seed
             _accumulate_weight_grad(acc16, dl[s:s + C], hidden[s:s + C])
             _accumulate_weight_grad(acc32, dl[s:s + C].float(), hidden[s:s + C].float())
         (m16, r16), (m32, r32) = _errors(acc16, dw64), _errors(acc32.bfloat16(), dw64)
-        out.append(dict(chunks=k, bf16_max=m16, bf16_rms=r16, fp32_max=m32, fp32_rms=r32,
-                        torch_max=torch_max, torch_rms=torch_rms))
+        out.append({"chunks": k, "bf16_max": m16, "bf16_rms": r16, "fp32_max": m32, "fp32_rms": r32,
+                    "torch_max": torch_max, "torch_rms": torch_rms})
     return out
 
 

@@ -1,6 +1,7 @@
 """FusedHeadCausalLM: same log-probabilities and gradients as the model's own logits path, tied and
 untied embeddings, policy-loss mode, and FSDP2 (2-process torchrun on CPU) == unsharded."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -110,3 +111,40 @@ def test_fsdp2_two_ranks_equal_unsharded(tmp_path):
         for n, p in grads.items():
             torch.testing.assert_close(sharded[tied]["grads"][n], p.grad, atol=1e-5, rtol=1e-4,
                                        msg=f"tied={tied} {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+def test_gpu_packed_fused_head_equals_per_sequence(dtype, tol):
+    """The packed training path on CUDA: "wz_varlen" attention (the Triton kernel) + FusedHeadCausalLM
+    (fused log-probs, Triton epilogues) on one packed row gives each sequence's log-probs as when that
+    sequence runs alone; the backward runs and is finite. The leak this guards against (sdpa with a
+    cache on the same packed row) moves them by far more than `tol` on the same model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from wz_engine.attention import WZ_VARLEN
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to("cuda", dtype).eval()
+    lengths = (37, 1, 200, 64, 5)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 97, (sum(lengths),), generator=g).cuda()[None]
+    pos = torch.cat([torch.arange(n) for n in lengths]).cuda()[None]
+    targets = next_token_targets(ids, pos)
+    wrapper = FusedHeadCausalLM(model)
+
+    def logprobs(attn, s, e, **kw):
+        model.set_attn_implementation(attn)
+        return wrapper(ids[:, s:e], pos[:, s:e], targets[s:e], **kw)
+
+    bounds = torch.tensor((0,) + lengths).cumsum(0).tolist()
+    packed = logprobs(WZ_VARLEN, 0, bounds[-1])
+    alone = torch.cat([logprobs(WZ_VARLEN, s, e) for s, e in itertools.pairwise(bounds)])
+    torch.testing.assert_close(packed.detach(), alone.detach(), atol=tol, rtol=0)
+    packed.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        leaky = logprobs("sdpa", 0, bounds[-1], use_cache=True)
+    assert (leaky - alone).abs().max() > 5 * tol, "the leak would not show at this tolerance"

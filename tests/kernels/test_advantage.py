@@ -126,11 +126,12 @@ def garbage_scratch(monkeypatch):
     real = adv._segment_scratch
 
     def dirty(num_rows, device):
-        table, stats, slot, slots = real(num_rows, device)
+        table, istats, sums, slot, slots = real(num_rows, device)
         table.fill_(12345)
-        stats.fill_(float("nan"))
+        istats.fill_(-3)
+        sums.fill_(2**61 + 5)
         slot.fill_(-7)
-        return table, stats, slot, slots
+        return table, istats, sums, slot, slots
 
     monkeypatch.setattr(adv, "_segment_scratch", dirty)
 
@@ -318,14 +319,75 @@ def test_gigpo_random(mode, num_rows, num_groups, num_anchors, garbage_scratch):
 # ----------------------------------------------------------------------------- torch.library / compile
 
 
+def _all_triton_ops(rewards, ids, anchors, validate=False):
+    """Every Triton launcher on one batch: {name: output} (BRPO's kept as a float tensor)."""
+    outs = {est: adv._group_advantages_triton(rewards, ids, est, EPS, validate=validate)
+            for est in adv.ESTIMATORS}
+    brpo, kept = adv._brpo_advantages_triton(rewards.sign(), ids, 0.3, validate=validate)
+    outs["brpo"], outs["brpo kept"] = brpo, kept.float()
+    for mode in adv.GIGPO_MODES:
+        outs[mode] = adv._gigpo_advantages_triton(rewards, ids, rewards.cos(), anchors, 0.7, mode, EPS,
+                                                  validate=validate)
+    return outs
+
+
+@pytest.mark.parametrize("num_rows,num_groups", [(300, 40), (257, 257)])
+def test_kernel_result_does_not_depend_on_row_order(num_rows, num_groups):
+    """Bitwise determinism by construction: every per-group accumulation is an integer atomic, so the
+    order the rows arrive in (which decides which row claims a hash slot and in which order sums land,
+    the two sources of run-to-run variation on a GPU) changes no bit of any row's advantage. (The batch
+    whitening of reinforce_pp_baseline sums rows in a fixed per-lane order: same inputs, same bits,
+    but a permutation of the rows may move its last bit.)"""
+    gen = torch.Generator().manual_seed(num_rows)
+    ids = random_ids(num_rows, num_groups, gen)
+    rewards = _rewards(num_rows, gen, offset=1e3)
+    anchors = random_ids(num_rows, 5, gen)
+    want = _all_triton_ops(rewards, ids, anchors)
+    for seed in (1, 2):
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+        got = _all_triton_ops(rewards[perm], ids[perm], anchors[perm])
+        for name in want:
+            if name == "reinforce_pp_baseline":  # its batch whitening sums all rows in row order
+                torch.testing.assert_close(got[name], want[name][perm], rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(got[name], want[name][perm]), name
+
+
+def test_kernel_validation_marks_bad_groups_without_a_host_check():
+    """validate=True on CUDA runs in the kernel (no sync): every row of a group holding a non-finite
+    reward (BRPO: a reward other than -1/0/+1) gets NaN (BRPO: kept=False); other rows are untouched."""
+    ids = torch.tensor([3, 3, 8, 8, 8, 5])
+    anchors = torch.tensor([0, 1, 0, 0, 1, 0])
+    rewards = torch.tensor([0.5, 1.0, 2.0, float("nan"), 1.5, -1.0])
+    bad = ids == 8
+    clean = torch.where(bad, 0.0, rewards)
+    for est in adv.ESTIMATORS:
+        got = adv._group_advantages_triton(rewards, ids, est, EPS, validate=True)
+        if est == "reinforce_pp_baseline":  # the batch whitening mixes every row: all NaN
+            assert torch.isnan(got).all()
+            continue
+        want = adv._group_advantages_triton(clean, ids, est, EPS)
+        assert torch.isnan(got[bad]).all() and torch.equal(got[~bad], want[~bad]), est
+    signs = torch.tensor([1.0, -1.0, 1.0, 0.5, 0.0, 1.0])  # 0.5 in group 8
+    out, kept = adv._brpo_advantages_triton(signs, ids, 0.6, validate=True)
+    want, want_kept = adv._brpo_advantages_triton(torch.where(bad, 0.0, signs), ids, 0.6)
+    assert torch.isnan(out[bad]).all() and not kept[bad].any()
+    assert torch.equal(out[~bad], want[~bad]) and torch.equal(kept[~bad], want_kept[~bad])
+    step = torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf"), 0.0])  # anchor group (8, 1)
+    got = adv._gigpo_advantages_triton(clean, ids, step, anchors, 1.0, "mean_norm", EPS, validate=True)
+    assert torch.isnan(got[4]) and torch.isfinite(got[torch.arange(6) != 4]).all()
+    assert not adv._kernel_validates("triton", rewards)  # CPU tensors: the host check runs (and raises)
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(0)
     ids = random_ids(20, 4, gen)
     rewards = _rewards(20, gen)
-    torch.library.opcheck(torch.ops.wz.group_advantages_fwd, (rewards, ids, "grpo", EPS))
-    torch.library.opcheck(torch.ops.wz.brpo_advantages_fwd, (rewards.sign(), ids, 0.6))
-    torch.library.opcheck(torch.ops.wz.gigpo_advantages_fwd,
-                          (rewards, ids, rewards, ids % 3, 1.0, "mean_norm", EPS))
+    for validate in (False, True):
+        torch.library.opcheck(torch.ops.wz.group_advantages_fwd, (rewards, ids, "grpo", EPS, validate))
+        torch.library.opcheck(torch.ops.wz.brpo_advantages_fwd, (rewards.sign(), ids, 0.6, validate))
+        torch.library.opcheck(torch.ops.wz.gigpo_advantages_fwd,
+                              (rewards, ids, rewards, ids % 3, 1.0, "mean_norm", EPS, validate))
 
 
 def test_torch_compile_traces_the_kernel():
@@ -408,3 +470,40 @@ def test_triton_row_limit(monkeypatch):
     with pytest.raises(ValueError, match="2\\*\\*24"):
         group_advantages(R3, I3, impl="triton")
     assert group_advantages(R3, I3, impl="reference").shape == (3,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows,num_groups", [(16384, 1024), (20000, 20000), (4099, 3)])
+def test_cuda_kernels_are_bitwise_repeatable_and_sync_free(num_rows, num_groups):
+    """Same inputs, same bits, run after run (bit-identical resume on GPU), with validate=True (the
+    default: checked in the kernel) and not one host sync (set_sync_debug_mode raises on one); a bad
+    reward there marks its group NaN instead of raising."""
+    gen = torch.Generator().manual_seed(num_rows + num_groups)
+    ids = random_ids(num_rows, num_groups, gen).cuda()
+    rewards = _rewards(num_rows, gen, offset=1e3).cuda()
+    anchors = random_ids(num_rows, 7, gen).cuda()
+
+    def all_ops():
+        outs = {est: group_advantages(rewards, ids, est) for est in adv.ESTIMATORS}
+        outs["brpo"], outs["brpo kept"] = brpo_advantages(rewards.sub(1e3).sign(), ids)
+        for mode in adv.GIGPO_MODES:
+            outs[mode] = gigpo_advantages(rewards, ids, rewards.cos(), anchors, mode=mode)
+        return outs
+
+    all_ops()  # compile outside the sync check
+    runs = []
+    for _ in range(3):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runs.append(all_ops())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for name in runs[0]:
+        assert torch.isfinite(runs[0][name].float()).all(), name
+        for other in runs[1:]:
+            assert torch.equal(runs[0][name], other[name]), name
+    bad = rewards.clone()
+    bad[0] = float("nan")
+    out = group_advantages(bad, ids, "grpo")
+    same_group = ids == ids[0]
+    assert torch.isnan(out[same_group]).all() and torch.equal(out[~same_group], runs[0]["grpo"][~same_group])

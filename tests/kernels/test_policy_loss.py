@@ -456,3 +456,33 @@ def test_cuda_kernel_matches_float64_reference(agg):
         assert_close_to_reference(grad.cpu(), grad64, atol=1e-9, rtol=1e-4, name="grad")
         for k in metrics:
             assert_close_to_reference(metrics[k].cpu(), metrics64[k], atol=1e-6, rtol=1e-4, name=k)
+
+
+@pytest.mark.gpu
+def test_cuda_multi_tile_loop_matches_float64_and_is_bitwise_repeatable():
+    """N = 2^22 + 77 tokens: every program of the persistent grid walks several tiles (the loop the
+    sizes above never leave after one step); float64 reference on the GPU; two runs give the same
+    bits; no host sync in the launch (torch.cuda.set_sync_debug_mode raises on one)."""
+    from wz_kernels import policy_loss as pl
+
+    n = 2**22 + 77
+    block, programs, _ = pl._launch_config(n, torch.device("cuda"))
+    assert -(-n // block) >= 4 * programs, "the grid must loop: more tiles than programs"
+    b = {k: v.cuda() for k, v in make_batch(n, 4096, seed=41).items()}
+    cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "kl_coef": 0.1, "kl_estimator": "k3",
+           "agg": "seq-mean-token-mean"}
+    loss64, grad64, metrics64 = run("ref64", b, dtype=torch.float64, **cfg)
+    results = []
+    for _ in range(2):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            results.append(run("auto", b, **cfg))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    (loss, grad, metrics), (loss2, grad2, metrics2) = results
+    assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-4, name="loss")
+    assert_close_to_reference(grad, grad64, atol=1e-12, rtol=1e-4, name="grad")
+    for k in metrics:
+        assert_close_to_reference(metrics[k], metrics64[k], atol=1e-6, rtol=1e-4, name=k)
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
+    assert all(torch.equal(metrics[k], metrics2[k]) for k in metrics)
