@@ -57,8 +57,9 @@ accumulating in float32; what `grad_accum_dtype` sets is the accumulator kept AC
   the growth is slower: 1.3e-2 max at k = 64.) The error grows about linearly in k, within (1 + k / 2)
   x torch's in every measurement; at the production shape k = 60 (C = 276), so the default's d weight
   is ~15x torch's bf16 error (~1% RMS): fine for Adam-style RL updates, which is why it is the
-  default; pass grad_accum_dtype=torch.float32 where exactness matters more than 2.5 GB. d hidden
-  (one GEMM per chunk over the full V) and d bias are unaffected. An exact bounded-memory alternative
+  default; pass grad_accum_dtype=torch.float32 where exactness matters more than 2.5 GB. d bias
+  follows the same rule (a [V] sum per chunk); d hidden (one GEMM per chunk over the full V) is
+  unaffected. An exact bounded-memory alternative
   (a second sweep over vocabulary slices, dW[v] = dlogits[:, v]^T @ hidden with K = N) costs 2NHV more
   GEMM flops and is not implemented.
 

@@ -147,4 +147,4 @@ def test_gpu_packed_fused_head_equals_per_sequence(dtype, tol):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
         leaky = logprobs("sdpa", 0, bounds[-1], use_cache=True)
-    assert (leaky - alone).abs().max() > 5 * tol, "the leak would not show at this tolerance"
+    assert (leaky - alone).abs().max() > 2 * tol, "the leak would not show at this tolerance"

@@ -22,7 +22,7 @@ from wz_kernels.logprob import (
     fused_linear_logprobs_reference,
     fused_linear_policy_loss,
 )
-from wz_kernels.policy_loss import policy_loss
+from wz_kernels.policy_loss import policy_loss, policy_loss_reference
 
 IMPLS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
 
@@ -586,8 +586,8 @@ def test_gpu_fused_policy_loss_bf16_large_vocabulary():
     kw = {"ref_logprobs": extra["ref_logprobs"], "seq_ids": extra["seq_ids"], "agg": "seq-mean-token-mean",
           "kl_coef": 0.05, "clip_high": 0.28}
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss64, m64 = policy_loss(naive_logprobs64(h64, w64, targets)[0], old.double(), extra["advantages"].double(),
-                              extra["mask"], impl="reference", **kw)
+    loss64, m64 = policy_loss_reference(naive_logprobs64(h64, w64, targets)[0], old, extra["advantages"],
+                                        extra["mask"], upcast=True, **kw)
     loss64.backward()
     ht, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()  # torch's own bf16 path
     lsm = torch.log_softmax(ht @ wt.T, dim=-1)
@@ -601,8 +601,10 @@ def test_gpu_fused_policy_loss_bf16_large_vocabulary():
                                                  grad_accum_dtype=accum, **kw)
         loss.backward()
         assert_close_to_reference(loss, loss64, loss_t, atol=1e-4, name="loss")
-        for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean"):
+        for k in ("ratio_mean", "kl_mean"):
             assert_close_to_reference(metrics[k], m64[k], m_t[k], atol=1e-4, name=k)
+        for k in ("clip_frac_low", "clip_frac_high"):  # a token on a clip boundary may flip: 2 tokens' worth
+            assert_close_to_reference(metrics[k], m64[k], m_t[k], atol=2 / float(m64["tokens"]), name=k)
         assert_close_to_reference(h.grad, h64.grad, ht.grad, atol=1e-5, name="d hidden")
         _assert_within(w.grad, w64.grad, wt.grad, _accumulation_factor(N, V, torch.bfloat16, accum), 1e-5,
                        f"d weight (accumulation {accum})")

@@ -463,10 +463,10 @@ def test_cuda_multi_tile_loop_matches_float64_and_is_bitwise_repeatable():
     """N = 2^22 + 77 tokens: every program of the persistent grid walks several tiles (the loop the
     sizes above never leave after one step); float64 reference on the GPU; two runs give the same
     bits; no host sync in the launch (torch.cuda.set_sync_debug_mode raises on one)."""
-    from wz_kernels import policy_loss as pl
+    from wz_kernels.policy_loss import _launch_config
 
     n = 2**22 + 77
-    block, programs, _ = pl._launch_config(n, torch.device("cuda"))
+    block, programs, _ = _launch_config(n, torch.device("cuda"))
     assert -(-n // block) >= 4 * programs, "the grid must loop: more tiles than programs"
     b = {k: v.cuda() for k, v in make_batch(n, 4096, seed=41).items()}
     cfg = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "kl_coef": 0.1, "kl_estimator": "k3",
