@@ -222,10 +222,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    """Write TensorBoard event files when tensorboard is installed."""
+    tensorboard: bool | Literal["auto"] = "auto"
+    """TensorBoard event files: "auto" = when tensorboard is installed; true = required (a config error
+    with the pip line when it is missing); false = off."""
     wandb: bool = False
-    """Log to Weights & Biases (opt-in)."""
+    """Log to Weights & Biases (opt-in; needs `pip install "wz-engine[wandb]"`, checked at config time)."""
     wandb_project: str = "wz-engine"
     progress_bar: bool = True
     samples_every: int = 0

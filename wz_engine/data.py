@@ -27,27 +27,99 @@ class Prompt:
     reference: str | None = None
 
 
+class DataError(ValueError):
+    """The prompt data is unreadable or malformed; the message names the file and line (or dataset row)."""
+
+
 def load_rows(cfg: DataConfig) -> list[dict]:
-    """Raw rows with at least `cfg.prompt_field`."""
+    """Raw rows, each checked by `check_row` (a usable prompt, an optional string reference)."""
     if cfg.path == "demo":
         from wz_engine.demo.prompts import load_demo_prompts
 
-        rows = load_demo_prompts()
+        located = [(f"demo prompt {i}", row) for i, row in enumerate(load_demo_prompts())]
     elif cfg.path.startswith("hf:"):
-        import datasets
-
-        rows = [dict(r) for r in datasets.load_dataset(cfg.path[3:], split=cfg.split)]
+        name = cfg.path[3:]
+        located = [(f"dataset {name!r} split {cfg.split!r} row {i}", row)
+                   for i, row in enumerate(load_hf_rows(name, cfg.split))]
     else:
-        path = Path(cfg.path)
-        if not path.is_file():
-            raise ValueError(f"data.path: no such file {cfg.path!r} (or use 'demo' / 'hf:<name>')")
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        raise ValueError(f"data.path: {cfg.path!r} holds no prompts")
-    if cfg.prompt_field not in rows[0]:
-        raise ValueError(f"data.prompt_field: {cfg.prompt_field!r} not in the rows (keys: {sorted(rows[0])})")
+        located = read_jsonl(cfg.path)
+    if not located:
+        raise DataError(f"data.path: {cfg.path!r} holds no prompts")
+    for where, row in located:
+        check_row(row, cfg, where)
+    return [row for _, row in located]
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """(`path:line`, object) for each non-blank line of a JSONL file; errors name `path:line` (1-based)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: no such file {str(path)!r} (or use 'demo' / 'hf:<name>')")
+    rows = []
+    with path.open("rb") as f:  # bytes, so a bad UTF-8 sequence can name its line too
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON: {e.msg} (column {e.colno}); each line must hold "
+                                "one JSON object, e.g. {\"prompt\": \"...\"}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_json_type(row)}")
+            rows.append((where, row))
     return rows
+
+
+def load_hf_rows(name: str, split: str) -> list[dict]:
+    """Rows of a `datasets` dataset split; a failure names the dataset and the split."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.path = 'hf:{name}' needs the datasets package: "
+                        'pip install "wz-engine[datasets]"') from None
+    try:
+        return [dict(r) for r in datasets.load_dataset(name, split=split)]
+    except Exception as e:  # network, missing dataset, unknown split, ...: say which load failed
+        raise DataError(f"data.path: loading dataset {name!r} split {split!r} (data.split) failed: "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def check_row(row: dict, cfg: DataConfig, where: str) -> None:
+    """Raise a DataError naming `where` unless the row holds a usable prompt (and a string reference)."""
+    if cfg.prompt_field not in row:
+        raise DataError(f"{where}: no {cfg.prompt_field!r} field (data.prompt_field); the row has {sorted(row)}")
+    prompt = row[cfg.prompt_field]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: {cfg.prompt_field!r} is empty")
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise DataError(f"{where}: {cfg.prompt_field!r} is an empty message list")
+        for k, m in enumerate(prompt):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: {cfg.prompt_field!r} message {k} must be "
+                                f"{{\"role\": str, \"content\": str}}, got {json.dumps(m)[:80]}")
+        if not prompt[-1]["content"].strip():
+            raise DataError(f"{where}: {cfg.prompt_field!r} ends with an empty message")
+    else:
+        raise DataError(f"{where}: {cfg.prompt_field!r} must be a string or a list of chat messages, "
+                        f"got {_json_type(prompt)}")
+    reference = row.get(cfg.reference_field)
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(f"{where}: {cfg.reference_field!r} (data.reference_field) must be a string, "
+                        f"got {_json_type(reference)}")
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def render_prompts(rows: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[Prompt], int]:

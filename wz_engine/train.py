@@ -13,13 +13,17 @@ from typing import Sequence
 
 from wz_engine import distributed as wzdist
 from wz_engine.config import ConfigError, load_config
+from wz_engine.data import DataError
+from wz_engine.optional_deps import check_optional_deps
 from wz_engine.trainer import Trainer
 
 log = logging.getLogger("wz_engine")
 
 
 def build_parser(prog: str = "wz train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a policy with BRPO (or GRPO-family estimators).")
+    p = argparse.ArgumentParser(prog=prog, description="Train a policy with BRPO (or GRPO-family estimators).",
+                                epilog="Every config key with its default and meaning: wz config list. "
+                                       "Validate a run file without training: wz config check CONFIG.")
     p.add_argument("config", help="run file (TOML or YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-6 (repeatable)")
@@ -31,11 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = check_optional_deps(load_config(args.config, args.overrides))
     except ConfigError as e:  # a user error: the message names the key, no traceback needed
         print(f"wz train: config error: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except DataError as e:  # names the file and line (or dataset row)
+        print(f"wz train: data error: {e}", file=sys.stderr)
+        wzdist.shutdown()
+        return 2
     try:
         last = trainer.fit()
         if trainer.info.is_main and last:

@@ -16,8 +16,10 @@ optional "reference" string feeds reference mode.
 Every pair is judged with the chosen response first and (unless --no-both-orders) second, `votes`
 times each. Output: accuracy (chosen strictly preferred, per judgement; invalid and ties count as
 wrong), accuracy by order, pair accuracy (chosen wins every judgement of the pair), position bias,
-order agreement, invalid rate, tie rate, mean scores, comparisons (judgements) per second. A table
-on the terminal; JSON with --json (stdout) or --output FILE.
+order agreement, invalid rate, tie rate, mean scores, comparisons (judgements) per second, and the
+invalid verdicts counted by reason (no verdict line, malformed or out-of-range score, ...) with one
+truncated example each. A table on the terminal; JSON with --json (stdout) or --output FILE. For a
+GenRM on a local model, a warning when judge prompts plus --max-new-tokens exceed the model's context.
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from wz_engine.judge.base import PairwiseJudge, PairwiseRequest
+from wz_engine.judge.base import PairwiseJudge, PairwiseRequest, Verdict
+from wz_engine.judge.diagnostics import (
+    context_length,
+    context_overflow,
+    format_invalid_reasons,
+    invalid_reasons,
+)
 from wz_engine.judge.metrics import JudgementRecord, content_winner, judge_metrics
 
 PROMPT_KEYS = ("prompt", "question", "instruction", "query")
@@ -136,25 +144,52 @@ def evaluate(
     """Judge every pair (chosen first, then swapped) x votes; return (metrics, records)."""
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
-    swaps = (False, True) if both_orders else (False,)
     batch_pairs = batch_pairs or len(pairs)
     records: list[JudgementRecord] = []
     start = time.perf_counter()
     for lo in range(0, len(pairs), batch_pairs):
-        requests, slots = [], []
-        for p in range(lo, min(lo + batch_pairs, len(pairs))):
-            pair = pairs[p]
-            for swapped in swaps:
-                a, b = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
-                for _ in range(votes):
-                    requests.append(PairwiseRequest(pair.prompt, a, b, pair.reference))
-                    slots.append((p, swapped))
-        verdicts = judge.judge(requests)
+        requests, slots = build_requests(pairs, range(lo, min(lo + batch_pairs, len(pairs))), votes, both_orders)
+        verdicts = judge_with_reasons(judge, requests)
         if len(verdicts) != len(requests):
             raise ValueError(f"judge: returned {len(verdicts)} verdicts for {len(requests)} requests")
-        records += [JudgementRecord(v, p, s) for v, (p, s) in zip(verdicts, slots)]
+        records += [JudgementRecord(v, p, s, reason) for (v, reason), (p, s) in zip(verdicts, slots)]
     seconds = time.perf_counter() - start
     return preference_metrics(records, len(pairs), seconds), records
+
+
+def build_requests(pairs: Sequence[PreferencePair], indices: Sequence[int], votes: int = 1,
+                   both_orders: bool = True) -> tuple[list[PairwiseRequest], list[tuple[int, bool]]]:
+    """(requests, (pair index, swapped) per request): chosen first, then swapped, `votes` times each."""
+    requests, slots = [], []
+    for p in indices:
+        pair = pairs[p]
+        for swapped in (False, True) if both_orders else (False,):
+            a, b = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
+            requests += [PairwiseRequest(pair.prompt, a, b, pair.reference)] * votes
+            slots += [(p, swapped)] * votes
+    return requests, slots
+
+
+def judge_with_reasons(judge: PairwiseJudge, requests: Sequence[PairwiseRequest]) -> list[tuple[Verdict, str]]:
+    """(verdict, "ok" or why invalid) per request; "" as the reason when the judge gives none."""
+    if hasattr(judge, "judge_with_reasons"):
+        return judge.judge_with_reasons(requests)
+    return [(v, "ok" if v.valid else "") for v in judge.judge(requests)]
+
+
+def context_warning(judge: PairwiseJudge, pairs: Sequence[PreferencePair], both_orders: bool = True) -> str | None:
+    """For a GenRM on a local model: a warning when judge prompts + max_new_tokens exceed its context."""
+    from wz_engine.judge.genrm import GenRM
+
+    if not isinstance(judge, GenRM):
+        return None
+    context = context_length(getattr(judge.sampler, "model", None), judge.tokenizer)
+    if context is None:
+        return None
+    requests, _ = build_requests(pairs, range(len(pairs)), 1, both_orders)
+    tokens = [len(judge.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in judge.prompt_texts(requests)]
+    overflow = context_overflow(tokens, judge.config.max_new_tokens, context)
+    return overflow.message() if overflow else None
 
 
 def preference_metrics(records: Sequence[JudgementRecord], n_pairs: int, seconds: float) -> dict[str, float]:
@@ -251,13 +286,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pairs = load_pairs(args.data, args.limit)
         judge = build_judge(args)
-        metrics, _ = evaluate(judge, pairs, votes=args.votes, both_orders=args.both_orders, batch_pairs=args.batch_size)
+        warning = context_warning(judge, pairs, args.both_orders)
+        if warning:
+            print(f"wz judge eval: {warning}", file=sys.stderr)
+        metrics, records = evaluate(judge, pairs, votes=args.votes, both_orders=args.both_orders,
+                                    batch_pairs=args.batch_size)
     except ValueError as e:
         print(f"wz judge eval: error: {e}", file=sys.stderr)
         return 2
+    reasons = invalid_reasons(records)
+    report = {**metrics, "invalid_reasons": reasons}
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(metrics))
+        if reasons:
+            print("\n" + format_invalid_reasons(reasons, len(records)))
     return 0
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from wz_engine.judge.base import PairwiseRequest, Verdict
 from wz_engine.judge.config import GenRMConfig
@@ -174,22 +174,24 @@ class GenRM:
         """Like `judge`, with the parser's reason ("ok" or why invalid) for each verdict."""
         start = time.perf_counter()
         self.last_stats = stats = JudgeCallStats(requests=len(requests))
+        raws = self._sample(self.prompt_texts(requests), stats)
         if self.config.mode == "pointwise":
-            out = self._judge_pointwise(requests, stats)
+            out = self._pointwise_verdicts(raws)
         else:
-            messages = [self.render_message(r) for r in requests]
-            raws = self._sample([self._chat(m) for m in messages], stats)
             out = [self._to_verdict(raw) for raw in raws]
         stats.reasons.update(reason for _, reason in out)
         stats.seconds = time.perf_counter() - start
         return out
 
-    def _judge_pointwise(self, requests, stats) -> list[tuple[Verdict, str]]:
-        texts = []
-        for r in requests:
-            texts.append(self._chat(self.render_pointwise(r.prompt, r.response_a, r.reference)))
-            texts.append(self._chat(self.render_pointwise(r.prompt, r.response_b, r.reference)))
-        raws = self._sample(texts, stats)
+    def prompt_texts(self, requests: Sequence[PairwiseRequest]) -> list[str]:
+        """The chat-rendered judge prompts `judge` generates from: one per request (pointwise: two, the
+        response shown as A then B)."""
+        if self.config.mode != "pointwise":
+            return [self._chat(self.render_message(r)) for r in requests]
+        return [self._chat(self.render_pointwise(r.prompt, response, r.reference))
+                for r in requests for response in (r.response_a, r.response_b)]
+
+    def _pointwise_verdicts(self, raws: list[str | None]) -> list[tuple[Verdict, str]]:
         out = []
         for raw_a, raw_b in zip(raws[0::2], raws[1::2]):
             pa, pb = self._parse(raw_a), self._parse(raw_b)

@@ -18,8 +18,8 @@ Undefined rates (no valid judgement) are omitted rather than logged as NaN.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 from wz_engine.judge.base import Verdict
 
@@ -31,6 +31,8 @@ class JudgementRecord:
     """Which comparison this judgement belongs to (all its orders and votes share it)."""
     swapped: bool = False
     """True when the pair's first item was shown as B (the reverse order)."""
+    reason: str = ""
+    """"ok" or why the verdict is invalid (`base.INVALID_REASONS`); "" when the judge gives no reasons."""
 
 
 def judge_metrics(

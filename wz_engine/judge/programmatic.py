@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from wz_engine.judge.base import PairwiseRequest, Verdict
 
@@ -39,24 +39,24 @@ class CallableJudge:
         self.fn = fn
 
     @classmethod
-    def from_path(cls, path: str) -> "CallableJudge":
+    def from_path(cls, path: str) -> CallableJudge:
         return cls(load_callable(path))
 
     def judge(self, requests: Sequence[PairwiseRequest]) -> list[Verdict]:
-        out = []
-        for r in requests:
-            result = self.fn(r.prompt, r.response_a, r.response_b)
-            out.append(_to_verdict(result))
-        return out
+        return [v for v, _ in self.judge_with_reasons(requests)]
+
+    def judge_with_reasons(self, requests: Sequence[PairwiseRequest]) -> list[tuple[Verdict, str]]:
+        """Like `judge`, with "ok" or why each verdict is invalid (see `base.INVALID_REASONS`)."""
+        return [_to_verdict(self.fn(r.prompt, r.response_a, r.response_b)) for r in requests]
 
 
-def _to_verdict(result) -> Verdict:
+def _to_verdict(result) -> tuple[Verdict, str]:
     if isinstance(result, (str, bytes)):
-        return Verdict(None, None, False, repr(result))
+        return Verdict(None, None, False, repr(result)), "not_a_score_pair"
     try:
         score_a, score_b = (float(x) for x in result)
     except (TypeError, ValueError):
-        return Verdict(None, None, False, repr(result))
+        return Verdict(None, None, False, repr(result)), "not_a_score_pair"
     if not (math.isfinite(score_a) and math.isfinite(score_b)):
-        return Verdict(None, None, False, repr(result))
-    return Verdict(score_a, score_b, True, "")
+        return Verdict(None, None, False, repr(result)), "non_finite_score"
+    return Verdict(score_a, score_b, True, ""), "ok"

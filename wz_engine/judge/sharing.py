@@ -19,8 +19,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -104,12 +104,19 @@ def set_adapter_enabled(model: torch.nn.Module, enabled: bool, adapter_name: str
         layer.enable_adapters(enabled)
 
 
-def _import_peft():
+def import_peft():
+    """peft, or an ImportError that says whether it is missing or does not fit the installed transformers."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError('judge.genrm.weight_sharing = "lora" needs peft: pip install "wz-engine[lora]"')
     try:
         import peft
-    except ImportError:
-        raise ImportError('judge.genrm.weight_sharing = "lora" needs peft: pip install "wz-engine[lora]" '
-                          '(or pip install peft)') from None
+    except Exception as e:  # e.g. an old peft importing names a newer transformers removed
+        raise ImportError(f'judge.genrm.weight_sharing = "lora": peft {importlib.metadata.version("peft")} does '
+                          f'not import with transformers {importlib.metadata.version("transformers")} ({e}); '
+                          f'pip install "wz-engine[lora]" installs a peft that fits') from e
     return peft
 
 
@@ -121,7 +128,7 @@ def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: s
     """
     from pathlib import Path
 
-    peft = _import_peft()
+    peft = import_peft()
     from peft.utils import load_peft_weights
 
     if not (Path(adapter_path) / "adapter_config.json").is_file():
@@ -144,6 +151,9 @@ def attach_lora_judge(model: torch.nn.Module, adapter_path: str, adapter_name: s
         raise RuntimeError(f"injecting the LoRA judge {adapter_path!r} failed with peft {peft.__version__} and "
                            f"transformers {transformers.__version__}: {e}") from e
     weights = load_peft_weights(adapter_path, device=str(next(model.parameters()).device))
+    # saved adapters carry PeftModel's "base_model.model." prefix; the bare model has none (peft >= 0.20
+    # strips it itself, older releases do not)
+    weights = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
     result = peft.set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
