@@ -60,7 +60,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
         for line_no, raw in enumerate(f, 1):
             where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():

@@ -8,9 +8,26 @@ peft, whose import is the version check (an old peft fails to import with a new 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 from wz_engine.config import ConfigError, RunConfig
+
+
+def pip_line(extra: str) -> str:
+    """`pip install "<requirements of the extra>"`, read from wz-engine's installed metadata (so it is
+    exactly pyproject.toml's range), else `pip install "wz-engine[extra]"`."""
+    try:
+        from packaging.requirements import Requirement
+
+        reqs = [Requirement(line) for line in importlib.metadata.requires("wz-engine") or []]
+    except importlib.metadata.PackageNotFoundError:
+        reqs = []
+    wanted = [f"{r.name}{r.specifier}" for r in reqs
+              if r.marker and r.marker.evaluate({"extra": extra}) and not r.marker.evaluate({"extra": ""})]
+    if not wanted:
+        return f'pip install "wz-engine[{extra}]"'
+    return "pip install " + " ".join(f'"{w}"' for w in wanted) + f" (the [{extra}] extra)"
 
 
 def installed(module: str) -> bool:
@@ -30,16 +47,16 @@ def missing_packages(cfg: RunConfig) -> list[str]:
             out.append(f"{setting} needs the {module} package: {pip}")
 
     if cfg.logging.wandb:
-        need("wandb", "logging.wandb = true", 'pip install "wz-engine[wandb]" (or set logging.wandb = false)')
+        need("wandb", "logging.wandb = true", pip_line("wandb") + "; or set logging.wandb = false")
     if cfg.logging.tensorboard is True:  # "auto" writes event files only when tensorboard is there
         need("tensorboard", "logging.tensorboard = true",
              'pip install tensorboard (or set logging.tensorboard = "auto" / false)')
     if cfg.model.attn_implementation.startswith("flash_attention"):
         need("flash_attn", f"model.attn_implementation = {cfg.model.attn_implementation!r}",
-             'pip install --no-build-isolation "wz-engine[flash-attn]" (builds against your CUDA torch), '
-             'or use "wz_varlen"')
+             pip_line("flash-attn").replace("pip install", "pip install --no-build-isolation", 1)
+             + ' (it builds against your CUDA torch); or use "wz_varlen"')
     if cfg.data.path.startswith("hf:"):
-        need("datasets", f"data.path = {cfg.data.path!r}", 'pip install "wz-engine[datasets]"')
+        need("datasets", f"data.path = {cfg.data.path!r}", pip_line("datasets"))
     if cfg.rollout.sampler == "vllm":
         from wz_engine.rollout.vllm_config import check_vllm_install
 

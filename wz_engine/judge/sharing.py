@@ -109,14 +109,17 @@ def import_peft():
     import importlib.metadata
     import importlib.util
 
+    from wz_engine.optional_deps import pip_line
+
     if importlib.util.find_spec("peft") is None:
-        raise ImportError('judge.genrm.weight_sharing = "lora" needs peft: pip install "wz-engine[lora]"')
+        raise ImportError(f'judge.genrm.weight_sharing = "lora" needs peft: {pip_line("lora")}')
     try:
         import peft
     except Exception as e:  # e.g. an old peft importing names a newer transformers removed
         raise ImportError(f'judge.genrm.weight_sharing = "lora": peft {importlib.metadata.version("peft")} does '
                           f'not import with transformers {importlib.metadata.version("transformers")} ({e}); '
-                          f'pip install "wz-engine[lora]" installs a peft that fits') from e
+                          f'install a peft that fits: {pip_line("lora").replace("pip install", "pip install -U", 1)}'
+                          ) from e
     return peft
 
 
