@@ -103,5 +103,6 @@ def format_fields(fields: list[FieldDoc], width: int = 100) -> str:
             lines += ["" if lines else None, f"[{head}]"]
         lines.append(f"{f.key} = {format_default(f.default)}  ({f.type})")
         for para in f.doc.split("\n\n"):  # source line breaks are not meaningful; blank lines are
-            lines += textwrap.wrap(" ".join(para.split()), width, initial_indent="    ", subsequent_indent="    ")
+            lines += textwrap.wrap(" ".join(para.split()), width, initial_indent="    ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
     return "\n".join(line for line in lines if line is not None)
