@@ -175,3 +175,109 @@ def test_genrm_on_a_model_directory(pairs_file, tmp_path, capsys):
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["judgements"] == 4 and metrics["invalid_rate"] == 1.0 and metrics["accuracy"] == 0.0
+    # every invalid verdict has a parser reason (4 random tokens: no verdict line at the end)
+    from wz_engine.judge.base import INVALID_REASONS
+
+    reasons = metrics["invalid_reasons"]
+    assert sum(r["count"] for r in reasons.values()) == 4 and set(reasons) <= set(INVALID_REASONS)
+
+
+# ---------------------------------------------------------------------- invalid verdicts explained
+
+SCRIPT = {  # pair prompt -> the judge's whole output, and the parser reason it must give
+    "p-valid": ("Principles: vivid.\nScores: A=7, B=3", "ok"),
+    "p-cut": ("Principles: vivid images, precise verbs. Critique of A: " + "very " * 60, "no_verdict"),
+    "p-bad-score": ("Looks fine.\nScores: A=7, B=seven", "malformed"),
+    "p-range": ("Both are great.\nScores: A=11, B=3", "out_of_range"),
+    "p-not-last": ("Scores: A=6, B=2\nThat is my verdict.", "not_final"),
+}
+
+
+def _scripted_genrm():
+    from wz_engine.demo.tiny import build_tokenizer
+    from wz_engine.judge.config import GenRMConfig
+    from wz_engine.judge.genrm import GenRM
+    from wz_engine.judge.scripted import ScriptedSampler
+
+    tok = build_tokenizer(["Scores: A=7, B=3 " + " ".join(SCRIPT)] * 4, 300)
+
+    def respond(prompt_text, _):
+        return next(out for key, (out, _) in SCRIPT.items() if key in prompt_text)
+
+    return GenRM(ScriptedSampler(tok, respond), tok, GenRMConfig(temperature=0.0)), tok
+
+
+def test_invalid_verdicts_counted_by_the_parser_reason_with_an_example():
+    from wz_engine.judge.diagnostics import EXAMPLE_CHARS, format_invalid_reasons, invalid_reasons
+
+    judge, _ = _scripted_genrm()
+    pairs = [PreferencePair(key, "the chosen text", "the rejected text") for key in SCRIPT]
+    metrics, records = evaluate(judge, pairs)
+    assert [r.reason for r in records] == [reason for _, reason in SCRIPT.values() for _ in range(2)]
+    summary = invalid_reasons(records)
+    assert {k: s["count"] for k, s in summary.items()} == {"no_verdict": 2, "malformed": 2, "out_of_range": 2,
+                                                           "not_final": 2}
+    assert metrics["invalid_rate"] == pytest.approx(8 / 10)
+    # short outputs whole (newlines shown as \n), a long one cut to its last EXAMPLE_CHARS characters
+    assert summary["malformed"]["example"] == "Looks fine.\\nScores: A=7, B=seven"
+    cut = SCRIPT["p-cut"][0]
+    assert summary["no_verdict"]["example"] == "..." + cut[-EXAMPLE_CHARS:] and len(cut) > EXAMPLE_CHARS
+    assert "missing or unparsable score" in summary["malformed"]["meaning"]
+    text = format_invalid_reasons(summary, len(records))
+    assert text.splitlines()[0] == "invalid verdicts: 8 of 10, by reason"
+    assert re.search(r"out_of_range\s+2\s+a score outside", text)
+
+
+def test_cli_prints_reasons_for_a_callable_judge(pairs_file, capsys):
+    assert main(["--data", str(pairs_file), "--judge", JUDGE_PATH]) == 0
+    out = capsys.readouterr().out
+    assert "invalid verdicts: 2 of 10, by reason" in out
+    assert re.search(r"non_finite_score\s+2\s+the judge function returned a NaN", out)
+    assert "e.g. '(nan, 1.0)'" in out
+    assert main(["--data", str(pairs_file), "--judge", JUDGE_PATH, "--json"]) == 0
+    reasons = json.loads(capsys.readouterr().out)["invalid_reasons"]
+    assert reasons == {"non_finite_score": {"count": 2, "meaning": reasons["non_finite_score"]["meaning"],
+                                            "example": "(nan, 1.0)"}}
+
+
+def test_context_overflow_by_hand():
+    from wz_engine.judge.diagnostics import context_length, context_overflow
+
+    assert context_overflow([10, 40], max_new_tokens=20, context=64) is None  # 40 + 20 = 60 fits
+    over = context_overflow([10, 50, 70, 44], max_new_tokens=20, context=64)
+    assert (over.prompts, over.over, over.prompt_over, over.longest) == (4, 2, 1, 70)
+    msg = over.message()
+    assert "2 of 4 judge prompts plus --max-new-tokens 20 exceed the model's context of 64 tokens" in msg
+    assert "longest prompt: 70 tokens" in msg and "1 prompts exceed it on their own" in msg
+
+    class Cfg:
+        max_position_embeddings = 128
+
+    class Model:
+        config = Cfg()
+
+    class Tok:
+        model_max_length = 1_000_000_000_000_000_000_000  # transformers' "no limit" placeholder
+
+    assert context_length(Model(), Tok()) == 128
+    assert context_length(object(), Tok()) is None
+    Tok.model_max_length = 256
+    assert context_length(object(), Tok()) == 256
+
+
+def test_genrm_model_context_warning(pairs_file, tmp_path, capsys):
+    from wz_engine.demo.tiny import build_tiny_qwen2, build_tokenizer
+
+    tok = build_tokenizer(["q=1 q=2 p1 p2 Scores: A=1, B=2"] * 4, 300)
+    for context, warned in ((48, True), (100_000, False)):
+        model = build_tiny_qwen2(len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+                                 max_position_embeddings=context, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        model.save_pretrained(tmp_path / f"judge{context}")
+        tok.save_pretrained(tmp_path / f"judge{context}")
+        argv = ["--data", str(pairs_file), "--model", str(tmp_path / f"judge{context}"), "--max-new-tokens", "2",
+                "--limit", "2", "--json", "--device", "cpu"]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert ("warning: 4 of 4 judge prompts plus --max-new-tokens 2 exceed the model's context of 48 tokens"
+                in err) == warned, err
