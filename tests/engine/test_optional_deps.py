@@ -2,6 +2,7 @@
 
 import importlib.abc
 import importlib.machinery
+import re
 import sys
 from pathlib import Path
 
@@ -129,3 +130,22 @@ def test_wz_train_and_config_check_exit_2_before_building_anything(monkeypatch, 
     assert not out.exists()  # nothing was built or written
     assert main(["config", "check", *args]) == 2
     assert "wz config check: config error: logging.wandb" in capsys.readouterr().err
+
+
+def test_lora_injection_failure_names_both_versions(monkeypatch, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from wz_engine.demo.tiny import build_tiny_qwen2
+    from wz_engine.judge.sharing import attach_lora_judge
+
+    model = build_tiny_qwen2(64, hidden_size=16, intermediate_size=32, num_layers=1)
+    peft.LoraConfig(r=2, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+
+    def skewed(*args, **kwargs):  # what a peft/transformers version skew looks like at injection
+        raise TypeError("got an unexpected keyword argument 'adapter_name'")
+
+    monkeypatch.setattr(peft, "inject_adapter_in_model", skewed)
+    with pytest.raises(RuntimeError, match=rf"failed with peft {re.escape(peft.__version__)} and transformers "
+                                           rf"{re.escape(transformers.__version__)}: got an unexpected keyword"):
+        attach_lora_judge(model, str(tmp_path))
