@@ -41,10 +41,15 @@ class TinyModelConfig:
     full_byte_alphabet: bool = True
     """Keep all 256 bytes in the vocabulary; false keeps only the bytes of the training text."""
     hidden_size: int = 64
+    """Width of the residual stream."""
     num_layers: int = 2
+    """Decoder layers."""
     num_heads: int = 4
+    """Attention (query) heads."""
     num_kv_heads: int = 2
+    """Key/value heads (fewer than num_heads: grouped-query attention)."""
     intermediate_size: int = 128
+    """Width of the MLP's hidden layer."""
     seed: int = 0
     """Seed of the random initialisation."""
 
@@ -64,6 +69,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves activation memory)."""
     trust_remote_code: bool = False
+    """Let transformers run the model repository's own modelling code (needed by some hub models)."""
 
 
 @dataclass
@@ -97,8 +103,11 @@ class RolloutConfig:
     group_size: int = 4
     """Completions per prompt (G)."""
     max_new_tokens: int = 128
+    """Longest response in tokens; a response that reaches it is truncated."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability (1 disables)."""
     top_k: int = 0
     """0 disables top-k."""
     seed_per_prompt: bool = False
@@ -120,6 +129,7 @@ class JudgeConfig:
     scalar_rm_path: str | None = None
     """HF directory of an AutoModelForSequenceClassification reward model (kind="scalar_rm")."""
     scalar_rm_batch_size: int = 16
+    """Responses per forward pass of the scalar reward model."""
     genrm: GenRMConfig = field(default_factory=GenRMConfig)
     """GenRM settings when kind = "genrm" (see wz_engine/judge/config.py). `genrm.votes` is shared
     with `algorithm.votes` (see there). `genrm.weight_sharing` is the one user-facing choice of the
@@ -147,6 +157,7 @@ class AlgorithmConfig:
     keep_reference: bool = False
     """BRPO: keep the reference rollout in the loss with A = 0 (it then dilutes token-mean)."""
     clip_low: float = 0.2
+    """Lower clip range: the probability ratio is clipped to [1 - clip_low, 1 + clip_high] (PPO)."""
     clip_high: float = 0.2
     """Upper clip range; DAPO's clip-higher uses e.g. 0.28."""
     dual_clip: float | None = None
@@ -154,6 +165,7 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     """KL penalty against the frozen initial policy; > 0 builds the reference model."""
     kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k3"
+    """Per-token estimator of the KL penalty (used when kl_coef > 0)."""
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
@@ -174,15 +186,21 @@ class AlgorithmConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
+    """Peak learning rate of AdamW (after warmup)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates."""
     eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     warmup_steps: int = 0
+    """Linear warmup from lr / warmup_steps up to lr over this many steps (0: none)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warmup, down to lr * min_lr_ratio at train.steps."""
     min_lr_ratio: float = 0.0
+    """Final learning rate of the "cosine" / "linear" schedules, as a fraction of lr."""
 
 
 @dataclass
@@ -190,6 +208,7 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps (one rollout batch each)."""
     seed: int = 0
+    """Seeds the initialisation RNGs, the prompt order, BRPO's reference draws and the samplers."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch (prompt + response tokens); the batch is split into as
     many micro-batches as needed and the gradients accumulated."""
@@ -208,6 +227,8 @@ class DistributedConfig:
     mixed_precision: Literal["auto", "bf16", "none"] = "auto"
     """FSDP2 compute dtype; auto = bf16 on GPU, full precision on CPU."""
     reshard_after_forward: bool = True
+    """FSDP2: free each layer's gathered weights after its forward (less memory, one more all-gather in the
+    backward)."""
 
 
 @dataclass
@@ -228,7 +249,9 @@ class LoggingConfig:
     wandb: bool = False
     """Log to Weights & Biases (opt-in; needs `pip install "wz-engine[wandb]"`, checked at config time)."""
     wandb_project: str = "wz-engine"
+    """W&B project the run is logged to."""
     progress_bar: bool = True
+    """Show a progress bar with the step's main metrics on rank 0."""
     samples_every: int = 0
     """Log one sampled completion every N steps (0: never)."""
 

@@ -78,6 +78,13 @@ def test_config_list_prints_every_field_with_default_and_docstring(capsys):
             "current log-probs: ratio 1, no clipping, one vocabulary pass fewer).") in " ".join(out.split())
 
 
+def test_every_config_field_has_a_docstring():
+    from wz_engine.config_doc import config_fields
+
+    undocumented = [f.key for f in config_fields() if not f.doc]
+    assert not undocumented, f"config fields without a docstring: {undocumented}"
+
+
 def test_config_list_section(capsys):
     assert main(["config", "list", "--section", "optim"]) == 0
     out = capsys.readouterr().out
