@@ -81,8 +81,9 @@ def load_hf_rows(name: str, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"data.path = 'hf:{name}' needs the datasets package: "
-                        'pip install "wz-engine[datasets]"') from None
+        from wz_engine.optional_deps import pip_line
+
+        raise DataError(f"data.path = 'hf:{name}' needs the datasets package: {pip_line('datasets')}") from None
     try:
         return [dict(r) for r in datasets.load_dataset(name, split=split)]
     except Exception as e:  # network, missing dataset, unknown split, ...: say which load failed
@@ -134,8 +135,8 @@ def render_prompts(rows: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[P
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_prompt_tokens:
             if cfg.overlong == "error":
-                raise ValueError(f"data.max_prompt_tokens: prompt {uid} has {len(ids)} tokens "
-                                 f"> {cfg.max_prompt_tokens} (set data.overlong = 'filter' to drop it)")
+                raise DataError(f"data.max_prompt_tokens: prompt {uid} has {len(ids)} tokens "
+                                f"> {cfg.max_prompt_tokens} (set data.overlong = 'filter' to drop it)")
             filtered += 1
             continue
         user_text = messages[-1]["content"] if isinstance(content, list) else content
@@ -144,7 +145,7 @@ def render_prompts(rows: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[P
         log.warning("data: filtered %d prompt(s) longer than data.max_prompt_tokens=%d", filtered,
                     cfg.max_prompt_tokens)
     if not prompts:
-        raise ValueError("data: every prompt was filtered as over-long; raise data.max_prompt_tokens")
+        raise DataError("data: every prompt was filtered as over-long; raise data.max_prompt_tokens")
     return prompts, filtered
 
 
