@@ -148,7 +148,7 @@ def test_rollout_correction_logs_the_max_ratio():
             k = int((mask[:t] & (seqs[:t] == s)).sum())
             ratios.append(math.exp(float(o[t]) - float(engine[s][k])))
     assert len(ratios) == sum(len(r) for r in responses)
-    m = apply_rollout_correction(ub, old, engine, cap=2.0)
+    m = apply_rollout_correction([ub], [old], [engine], cap=2.0)
     assert m["tis/max_ratio"] == pytest.approx(max(ratios), rel=1e-5)
     assert m["tis/frac_capped"] == pytest.approx(sum(r > 2.0 for r in ratios) / len(ratios))
 
