@@ -42,3 +42,51 @@ def combine_updates(updates: list[tuple[dict, float, float, bool]]) -> dict:
     out["lr"] = updates[-1][2] if n else float("nan")
     out["skipped"] = not all(u[3] for u in updates)
     return out
+
+
+def ppo_schedule_reference(lm: torch.nn.Module, optimizer: torch.optim.Optimizer, prompts: list[list[int]],
+                           responses: list[list[int]], advantages: torch.Tensor, in_loss: torch.Tensor,
+                           mini_batches: list[torch.Tensor], epochs: int, *, clip_low: float, clip_high: float,
+                           grad_clip: float, temperature: float = 1.0) -> list[dict[str, float]]:
+    """Plain-torch specification of the update schedule with the ppo_clip loss and token-mean
+    aggregation, independent of wz_engine.update and the fused kernels: every sequence runs alone
+    through the HF causal LM (full logits, log_softmax), the old log-probs are taken before the first
+    step, then `epochs` passes over `mini_batches` (row indices), one AdamW step each, loss normalised
+    by the mini-batch's loss tokens, gradients clipped to `grad_clip` (0: not clipped).
+
+    prompts / responses [B] token ids, advantages [B], in_loss [B] bool. -> per optimizer step:
+    loss, clip_frac_low, clip_frac_high (fractions of the mini-batch's loss tokens), grad_norm."""
+
+    def logprobs(i: int) -> torch.Tensor:  # [R_i] log-probs of response i's tokens
+        ids = torch.tensor(prompts[i] + responses[i])[None]
+        logits = lm(input_ids=ids, use_cache=False).logits[0, len(prompts[i]) - 1:-1].float() / temperature
+        return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompts[i]):, None])[:, 0]
+
+    rows_in_loss = [i for i in range(len(prompts)) if bool(in_loss[i]) and responses[i]]
+    with torch.no_grad():
+        old = {i: logprobs(i) for i in rows_in_loss}
+    params = [p for p in lm.parameters() if p.requires_grad]
+    steps = []
+    for _ in range(epochs):
+        for rows in mini_batches:
+            members = [i for i in rows.tolist() if i in old]
+            tokens = max(sum(len(responses[i]) for i in members), 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss, low, high = torch.zeros(()), 0, 0
+            for i in members:
+                a = float(advantages[i])
+                ratio = torch.exp(logprobs(i) - old[i])
+                clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+                loss = loss + torch.maximum(-a * ratio, -a * clipped).sum() / tokens
+                low += int(((ratio < 1 - clip_low) & (a < 0)).sum())
+                high += int(((ratio > 1 + clip_high) & (a > 0)).sum())
+            if members:
+                loss.backward()
+            else:  # the trainer still steps (AdamW moves on its momentum) on an all-zero gradient
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            optimizer.step()
+            steps.append({"loss": float(loss.detach()), "clip_frac_low": low / tokens, "clip_frac_high": high / tokens,
+                          "grad_norm": float(norm)})
+    return steps

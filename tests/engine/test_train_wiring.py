@@ -209,6 +209,17 @@ def test_trainer_without_correction_asks_for_no_logprobs(tmp_path, monkeypatch):
     assert not any(k.startswith("tis/") for k in m) and "sync/seconds" in m
 
 
+def test_rollout_correction_over_mini_batches_equals_one_batch(tmp_path, monkeypatch):
+    """TIS weighs each mini-batch's rollouts by their own engine log-probs: the step's monitors are those of
+    the whole batch, whatever the partition (the old log-probs all come from the pre-update weights)."""
+    whole = _vllm_trainer(tmp_path / "whole", monkeypatch).step()
+    split = _vllm_trainer(tmp_path / "split", monkeypatch, "algorithm.ppo_mini_batch_size=1").step()
+    assert split["train/optimizer_step"] == 2
+    assert split["tis/frac_capped"] == whole["tis/frac_capped"]
+    for key in ("tis/mean_abs_logp_diff", "tis/max_ratio"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
 def test_swap_judge_between_sampling_rounds_resyncs_the_policy(tmp_path, monkeypatch):
     """GenRM on the same engine in "swap" mode (from judge.genrm.weight_sharing = "checkpoint") with
     DAPO dynamic sampling: the judge replaces the policy in the engine after round 1's rollouts, so
