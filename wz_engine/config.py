@@ -145,7 +145,7 @@ class AlgorithmConfig:
     ppo_mini_batch_size: int | None = None
     """Prompts (whole groups) per optimizer step over all ranks, as verl's ppo_mini_batch_size; None:
     rollout.prompts_per_step (one mini-batch). Must divide prompts_per_step; the mini-batches are a
-    seeded shuffle of each rank's groups, the same ones in every epoch."""
+    seeded shuffle of the step's prompts (the same for any world size), the same ones in every epoch."""
     votes: int = 1
     """BRPO: judge calls per order; a rollout wins only by winning all 2 x votes comparisons.
     With judge.kind = "genrm" this and `judge.genrm.votes` are one setting: 1 counts as unset, so

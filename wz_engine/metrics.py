@@ -71,7 +71,7 @@ def step_metrics(update: dict, ubs: list, ents: list | None, rewards: torch.Tens
     lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
     masks = [m for ub in ubs for m in ub.masks]
     ent_sum = 0.0 if ents is None else sum(float((e * m).sum()) for e, m in zip([e for x in ents for e in x], masks))
-    tokens = sum(b.num_tokens for ub in ubs for b in ub.batches)
+    tokens = sum(b.num_tokens for ub in ubs for b in ub.batches[:ub.num_real])  # not the 1-token padding ones
     global_tokens = sum(ub.global_tokens for ub in ubs)
     dropped = float((~skew_kept.bool()).sum()) / max(group_size, 1) if len(skew_kept) else 0
     # Gather what needs all ranks (sums), then per-rank monitors from rank 0's shard + sums.

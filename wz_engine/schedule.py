@@ -1,8 +1,9 @@
 """Several optimizer steps per rollout batch (`algorithm.ppo_epochs` x mini-batches).
 
 A rollout step's groups are cut into mini-batches of whole groups (`algorithm.ppo_mini_batch_size`
-prompts over all ranks, each rank cutting its own groups: a seeded permutation split into equal
-pieces, the same pieces in every epoch, as verl and TRL reuse theirs). Each mini-batch is one
+prompts over all ranks: a seeded permutation of the step's prompts split into equal pieces, the same
+on every rank whatever the world size, and the same pieces in every epoch, as verl and TRL reuse
+theirs). Each mini-batch is one
 optimizer step, its loss normalised by its own global token / sequence counts; gradient accumulation
 inside it stays token-budget packed (`train.micro_batch_tokens`). The old log-probs are computed for
 all mini-batches before the first step, so from the second step on the ratio moves and clipping acts.
@@ -21,16 +22,23 @@ def num_mini_batches(prompts_per_step: int, mini_batch_prompts: int | None) -> i
     return 1 if mini_batch_prompts is None else prompts_per_step // mini_batch_prompts
 
 
-def mini_batch_rows(num_groups: int, group_size: int, mini_batches: int, seed: int) -> list[torch.Tensor]:
-    """Row indices [rows_m] (int64, ascending) of each of `mini_batches` mini-batches over
-    `num_groups` groups of `group_size` consecutive rows: a permutation seeded by `seed` split into
-    pieces whose sizes differ by at most one group. One mini-batch: every row in order."""
+def mini_batch_rows(num_groups: int, group_size: int, mini_batches: int, seed: int, first_group: int = 0,
+                    total_groups: int | None = None) -> list[torch.Tensor]:
+    """Row indices [rows_m] (int64, ascending) of this rank's part of each of `mini_batches` mini-batches.
+
+    The step's `total_groups` groups (default `num_groups`) are permuted with `seed` and cut into
+    `mini_batches` pieces of equal size (+-1); this rank holds groups first_group .. first_group +
+    num_groups - 1 of them (`group_size` consecutive rows each), and takes the rows of those in each
+    piece. The same seed on every rank makes the mini-batches independent of the world size. One
+    mini-batch: every row, in order."""
     if mini_batches == 1:
         return [torch.arange(num_groups * group_size)]
-    order = np.random.default_rng(seed).permutation(num_groups)
-    pieces = [np.sort(piece) for piece in np.array_split(order, mini_batches)]
-    return [torch.from_numpy((piece[:, None] * group_size + np.arange(group_size)).reshape(-1)).long()
-            for piece in pieces]
+    order = np.random.default_rng(seed).permutation(num_groups if total_groups is None else total_groups)
+    out = []
+    for piece in np.array_split(order, mini_batches):
+        local = np.sort(piece[(piece >= first_group) & (piece < first_group + num_groups)]) - first_group
+        out.append(torch.from_numpy((local[:, None] * group_size + np.arange(group_size)).reshape(-1)).long())
+    return out
 
 
 def combine_updates(updates: list[tuple[dict, float, float, bool]]) -> dict:

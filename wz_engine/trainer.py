@@ -60,9 +60,6 @@ class Trainer:
         if P % W:
             raise ValueError(f"rollout.prompts_per_step: {P} is not divisible by the world size {W}")
         self.mini_batches = num_mini_batches(P, cfg.algorithm.ppo_mini_batch_size)
-        if (P // W) % self.mini_batches:
-            raise ValueError(f"algorithm.ppo_mini_batch_size: {cfg.algorithm.ppo_mini_batch_size} prompts is not "
-                             f"divisible by the world size {W}")
         self.updates_per_rollout = cfg.algorithm.ppo_epochs * self.mini_batches
         self.estimator = ESTIMATORS.get(cfg.algorithm.estimator)
         self.loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
@@ -290,8 +287,10 @@ class Trainer:
             got = self.collect(timer)
         self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         with timer("pack"):
+            P_local = cfg.rollout.prompts_per_step // self.info.world_size
             parts = mini_batch_rows(len(got.groups), cfg.rollout.group_size, self.mini_batches,
-                                    _seed_for(_MINI_BATCH_SALT, cfg.train.seed, self.step_idx, self.info.rank))
+                                    _seed_for(_MINI_BATCH_SALT, cfg.train.seed, self.step_idx),
+                                    self.info.rank * P_local, cfg.rollout.prompts_per_step)
             prompts, responses, adv, in_loss = got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss")
             ubs = [pack_for_update([prompts[i] for i in rows.tolist()], [responses[i] for i in rows.tolist()],
                                    adv[rows], in_loss.bool()[rows], cfg.train.micro_batch_tokens,

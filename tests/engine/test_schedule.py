@@ -35,6 +35,17 @@ def test_mini_batch_rows_partition_whole_groups_seeded():
     assert [p.numel() for p in mini_batch_rows(0, 4, 2, seed=0)] == [0, 0]
 
 
+def test_mini_batches_do_not_depend_on_the_world_size():
+    """Two ranks holding groups 0-3 and 4-7 take exactly their rows of the one-rank mini-batches."""
+    whole = mini_batch_rows(8, 3, 4, seed=5)
+    ranks = [mini_batch_rows(4, 3, 4, seed=5, first_group=4 * r, total_groups=8) for r in (0, 1)]
+    for m, rows in enumerate(whole):
+        assert rows.tolist() == ranks[0][m].tolist() + (ranks[1][m] + 12).tolist()
+    # a rank that kept fewer groups (dynamic sampling) takes the pieces' rows of those it has
+    short = mini_batch_rows(3, 3, 4, seed=5, first_group=4, total_groups=8)
+    assert [r.tolist() for r in short] == [[x for x in r.tolist() if x < 9] for r in ranks[1]]
+
+
 def test_combine_updates():
     out = combine_updates([({"loss": 1.0, "clip_frac_low": 0.5}, 2.0, 0.1, True),
                            ({"loss": 3.0, "clip_frac_low": 0.0}, 4.0, 0.2, False)])
