@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from tests.engine.modeling_fsdp_worker import packed_batch, tiny_model
-from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, RegistryError, TokenLoss
+from wz_engine.algorithms import (
+    ESTIMATORS,
+    POLICY_LOSSES,
+    REWARD_SOURCES,
+    AdvantageInputs,
+    RegistryError,
+    TokenLoss,
+)
 from wz_engine.algorithms.estimator import Estimator
-from wz_engine.config import ConfigError, load_config
+from wz_engine.config import AlgorithmConfig, ConfigError, load_config
 from wz_engine.metrics import PhaseTimer
 from wz_engine.modeling import FusedHeadCausalLM, PolicyLossBatch
 from wz_engine.trainer import Trainer
@@ -183,3 +190,17 @@ def test_registration_clashes_and_names():
         ESTIMATORS.register("grpo", Estimator("grpo", lambda inputs, cfg: inputs.rewards))
     with pytest.raises(RegistryError, match="hold no ':'"):
         ESTIMATORS.register("a:b", Estimator("a:b", lambda inputs, cfg: inputs.rewards))
+
+
+@pytest.mark.parametrize("name, kernel", [("grpo", "group_advantages"), ("brpo", "brpo_advantages")])
+def test_estimators_call_the_kernels_without_validation(monkeypatch, name, kernel):
+    """The rewards are checked once on the host (Estimator.check_rewards): the kernel call must not
+    validate again (on CUDA tensors that check is a device-to-host sync)."""
+    import wz_kernels.advantage as adv_mod
+
+    real, seen = getattr(adv_mod, kernel), []
+    monkeypatch.setattr(adv_mod, kernel, lambda *a, **k: seen.append(k) or real(*a, **k))
+    rewards = torch.tensor([1.0, -1.0, 0.0, 1.0])
+    ESTIMATORS.get(name)(AdvantageInputs(rewards, torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.bool),
+                                         torch.ones(4, dtype=torch.long)), AlgorithmConfig())
+    assert len(seen) == 1 and seen[0]["validate"] is False
