@@ -65,8 +65,10 @@ def ppo_schedule_reference(lm: torch.nn.Module, optimizer: torch.optim.Optimizer
     prompts / responses [B] token ids, advantages [B], in_loss [B] bool. -> per optimizer step:
     loss, clip_frac_low, clip_frac_high (fractions of the mini-batch's loss tokens), grad_norm."""
 
+    device = next(lm.parameters()).device
+
     def logprobs(i: int) -> torch.Tensor:  # [R_i] log-probs of response i's tokens
-        ids = torch.tensor(prompts[i] + responses[i])[None]
+        ids = torch.tensor(prompts[i] + responses[i], device=device)[None]
         logits = lm(input_ids=ids, use_cache=False).logits[0, len(prompts[i]) - 1:-1].float() / temperature
         return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompts[i]):, None])[:, 0]
 
@@ -80,7 +82,7 @@ def ppo_schedule_reference(lm: torch.nn.Module, optimizer: torch.optim.Optimizer
             members = [i for i in rows.tolist() if i in old]
             tokens = max(sum(len(responses[i]) for i in members), 1)
             optimizer.zero_grad(set_to_none=True)
-            loss, low, high = torch.zeros(()), 0, 0
+            loss, low, high = torch.zeros((), device=device), 0, 0
             for i in members:
                 a = float(advantages[i])
                 ratio = torch.exp(logprobs(i) - old[i])

@@ -73,7 +73,7 @@ def toy_module(tmp_path_factory):
 
 
 def _response_logprobs(lm, prompt: list[int], response: list[int]) -> torch.Tensor:
-    ids = torch.tensor(prompt + response)[None]
+    ids = torch.tensor(prompt + response, device=next(lm.parameters()).device)[None]
     logits = lm(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1].double()
     return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None])[:, 0]
 
