@@ -45,26 +45,26 @@ Extension points, per kind (see each module's docstring for the exact contract)
 """
 
 from wz_engine.algorithms.estimator import (
-                                                ESTIMATORS,
-                                                AdvantageInputs,
-                                                Advantages,
-                                                Estimator,
-                                                register_estimator,
+    ESTIMATORS,
+    AdvantageInputs,
+    Advantages,
+    Estimator,
+    register_estimator,
 )
 from wz_engine.algorithms.loss import (
-                                                POLICY_LOSSES,
-                                                PolicyLoss,
-                                                TokenLoss,
-                                                common_options,
-                                                register_policy_loss,
+    POLICY_LOSSES,
+    PolicyLoss,
+    TokenLoss,
+    common_options,
+    register_policy_loss,
 )
 from wz_engine.algorithms.registry import Registry, RegistryError, load_object
 from wz_engine.algorithms.reward_source import (
-                                                REWARD_SOURCES,
-                                                GroupRewards,
-                                                RewardContext,
-                                                RewardSource,
-                                                register_reward_source,
+    REWARD_SOURCES,
+    GroupRewards,
+    RewardContext,
+    RewardSource,
+    register_reward_source,
 )
 
 __all__ = [
