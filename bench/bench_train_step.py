@@ -126,10 +126,10 @@ def make_rollouts(mix: RolloutMix, vocab: int, seed: int = 0) -> Rollouts:
 # ------------------------------------------------------------------------------------------- wz
 def wz_step(policy, optimizer, rollouts: Rollouts, micro_batch_tokens: int, device: str):
     """The trainer's training side: pack -> accumulate_gradients (on-policy) -> clip -> step."""
-    from wz_engine.update import LossOptions, accumulate_gradients, clip_and_norm, pack_for_update
+    from wz_engine.update import accumulate_gradients, clip_and_norm, pack_for_update
 
     in_loss = torch.ones(len(rollouts.prompt_ids), dtype=torch.bool)
-    opts = LossOptions(clip_low=CLIP_EPS, clip_high=CLIP_EPS, agg="token-mean")
+    opts = {"clip_low": CLIP_EPS, "clip_high": CLIP_EPS, "agg": "token-mean"}  # ppo_clip's kernel options
 
     def step():
         policy.model.set_attn_implementation("wz_varlen")
@@ -265,7 +265,7 @@ def test_train_step_providers_agree():
 
     pytest.importorskip("trl")
     from wz_engine.modeling import FusedHeadCausalLM
-    from wz_engine.update import LossOptions, accumulate_gradients, pack_for_update
+    from wz_engine.update import accumulate_gradients, pack_for_update
 
     model = build_model(CPU_QUICK, "cpu", torch.float32)
     rollouts = make_rollouts(RolloutMix(3, (12, 12), (4, 40)), CPU_QUICK.vocab)
@@ -273,7 +273,7 @@ def test_train_step_providers_agree():
                          torch.ones(3, dtype=torch.bool), 64, PAD_ID)
     assert len(ub.batches) > 1
     metrics = accumulate_gradients(FusedHeadCausalLM(model), ub, None, None, "cpu", TEMPERATURE,
-                                   LossOptions(clip_low=CLIP_EPS, clip_high=CLIP_EPS, agg="token-mean"))
+                                   {"clip_low": CLIP_EPS, "clip_high": CLIP_EPS, "agg": "token-mean"})
     wz_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     model.set_attn_implementation("sdpa")

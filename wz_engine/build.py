@@ -59,32 +59,10 @@ def build_tokenizer_and_model(cfg: RunConfig, output_dir: Path, prompt_texts: li
 
 
 def build_reward_source(cfg: RunConfig, lm, tokenizer, device, gather, sampler=None):
-    """The judge (pairwise) or the pointwise reward for `cfg.judge.kind`."""
-    kind = cfg.judge.kind
-    if kind == "callable":
-        from wz_engine.judge.programmatic import CallableJudge
+    """The judge (pairwise) or the scorer (pointwise) of the reward source `cfg.judge.kind`."""
+    from wz_engine.algorithms import REWARD_SOURCES, RewardContext
 
-        return CallableJudge.from_path(cfg.judge.callable)
-    if kind == "genrm" and sampler is not None and cfg.rollout.sampler == "vllm":
-        from wz_engine.judge.genrm import GenRM
-
-        return GenRM(sampler.judge_sampler(), tokenizer, cfg.judge.genrm)  # one engine, judge_mode in vllm
-    if kind == "genrm":
-        from wz_engine.judge.genrm import GenRM
-        from wz_engine.judge.sharing import build_judge_engine
-        from wz_engine.rollout.hf import HFSampler
-
-        engine = build_judge_engine(cfg.judge.genrm, lm, tokenizer,
-                                    sampler_factory=lambda m, t: HFSampler(m, t, gather=gather,
-                                                                           seed=cfg.train.seed + 7919))
-        return GenRM(engine.sampler, engine.tokenizer, cfg.judge.genrm)
-    if kind == "rule":
-        from wz_engine.rewards.rules import RuleReward
-
-        return RuleReward(cfg.judge.callable)
-    from wz_engine.rewards.scalar_rm import ScalarRewardModel
-
-    return ScalarRewardModel(cfg.judge.scalar_rm_path, device=device, batch_size=cfg.judge.scalar_rm_batch_size)
+    return REWARD_SOURCES.get(cfg.judge.kind).build(RewardContext(cfg, lm, tokenizer, device, gather, sampler))
 
 
 def build_sampler(cfg: RunConfig, policy: FusedHeadCausalLM, tokenizer, info: wzdist.DistInfo):

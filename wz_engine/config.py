@@ -120,9 +120,10 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["callable", "genrm", "rule", "scalar_rm"] = "callable"
-    """Where rewards come from. Pairwise (BRPO): "callable" (a Python judge by import path) or "genrm".
-    Pointwise: "rule" (a Python reward function by import path) or "scalar_rm" (a sequence classifier)."""
+    kind: str = "callable"
+    """Reward source (wz_engine.algorithms). Pairwise (BRPO): "callable" (a Python judge by import path)
+    or "genrm". Pointwise: "rule" (a Python reward function by import path) or "scalar_rm" (a sequence
+    classifier). Or a module path "pkg.module:name" to a RewardSource of your own."""
     callable: str = "wz_engine.demo.judge:writing_judge"
     """Import path `pkg.module:function`. kind="callable": (prompt, response_a, response_b) ->
     (score_a, score_b); kind="rule": (prompt, response, reference) -> float."""
@@ -140,16 +141,29 @@ class JudgeConfig:
 
 @dataclass
 class AlgorithmConfig:
-    estimator: Literal["brpo", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = "brpo"
-    """Advantage estimator. "brpo" needs a pairwise judge; the others take any scalar reward."""
+    estimator: str = "brpo"
+    """Advantage estimator (wz_engine.algorithms): "brpo" needs a pairwise judge; "grpo", "dr_grpo",
+    "rloo", "reinforce_pp_baseline" take scalar rewards. Or a module path "pkg.module:name"."""
+    policy_loss: str = "ppo_clip"
+    """Policy loss (wz_engine.algorithms): "ppo_clip" (clip, dual clip, KL, `agg`; fused with the
+    lm_head), or a module path "pkg.module:name" to a PolicyLoss of your own."""
+    custom: dict[str, Any] = field(default_factory=dict)
+    """Options of a custom estimator or loss (a table, e.g. custom = { beta = 0.5 }); built-ins ignore it."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch. More than one optimizer step per rollout batch (epochs x
+    mini-batches) turns on the old-logprob pass, and with it the ratio and clipping."""
+    ppo_mini_batch_size: int | None = None
+    """Prompts (whole groups) per optimizer step over all ranks, as verl's ppo_mini_batch_size; None:
+    rollout.prompts_per_step (one mini-batch). Must divide prompts_per_step; the mini-batches are a
+    seeded shuffle of the step's prompts (the same for any world size), the same ones in every epoch."""
     votes: int = 1
     """BRPO: judge calls per order; a rollout wins only by winning all 2 x votes comparisons.
     With judge.kind = "genrm" this and `judge.genrm.votes` are one setting: 1 counts as unset, so
     setting either one sets both (validate() copies it over); two different values > 1 are an error."""
     recompute_old_logprobs: bool = False
-    """Run the separate old-logprob pass even on-policy. The trainer takes one optimizer step per
-    rollout batch, so by default it skips that pass (old = the current log-probs: ratio 1, no
-    clipping, one vocabulary pass fewer). The pass always runs with vLLM IS correction."""
+    """Run the separate old-logprob pass even on-policy. With one optimizer step per rollout batch
+    the trainer skips that pass by default (old = the current log-probs: ratio 1, no clipping, one
+    vocabulary pass fewer). The pass always runs with vLLM IS correction or several updates."""
     inconsistent: Literal["lose", "tie"] = "lose"
     """BRPO: a rollout that wins some but not all comparisons scores -1 ("lose") or 0 ("tie")."""
     skew_threshold: float = 0.6
@@ -196,9 +210,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     warmup_steps: int = 0
-    """Linear warmup from lr / warmup_steps up to lr over this many steps (0: none)."""
+    """Linear warmup over this many optimizer steps (0: none); a run takes train.steps x ppo_epochs x
+    mini-batches optimizer steps."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning-rate schedule after warmup, down to lr * min_lr_ratio at train.steps."""
+    """Learning-rate schedule after warmup, down to lr * min_lr_ratio at the last optimizer step."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the "cosine" / "linear" schedules, as a fraction of lr."""
 
@@ -206,7 +221,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    """Optimizer steps (one rollout batch each)."""
+    """Rollout steps (each: one rollout batch, then algorithm.ppo_epochs x mini-batches optimizer steps)."""
     seed: int = 0
     """Seeds the initialisation RNGs, the prompt order, BRPO's reference draws and the samplers."""
     micro_batch_tokens: int = 4096
@@ -217,7 +232,7 @@ class TrainConfig:
     cpu_threads: int = 0
     """torch intra-op threads on CPU (0: torch's default). 1 is fastest for tiny models and on busy machines."""
     max_nonfinite_steps: int = 3
-    """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
 
 
 @dataclass
@@ -234,7 +249,8 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Save every N steps (0: only at the end and on SIGTERM/SIGINT)."""
+    """Save every N rollout steps (0: only at the end and on SIGTERM/SIGINT). Checkpoints are written
+    only between rollout steps, never inside one's epochs."""
     keep: int = 2
     """Keep the newest N checkpoints."""
     export_at_end: bool = False
@@ -277,20 +293,12 @@ class RunConfig:
 
         if self.rollout.group_size < 2:
             bad("rollout.group_size", f"must be >= 2 for group-relative estimators, got {self.rollout.group_size}")
-        if self.algorithm.estimator == "brpo" and self.judge.kind not in ("callable", "genrm"):
-            bad("judge.kind", f"estimator 'brpo' needs a pairwise judge ('callable' or 'genrm'), got {self.judge.kind!r}")
-        if self.algorithm.estimator != "brpo" and self.judge.kind in ("callable", "genrm"):
-            bad("algorithm.estimator", f"a pairwise judge ({self.judge.kind!r}) pairs with estimator 'brpo', "
-                f"got {self.algorithm.estimator!r}")
-        if self.judge.kind in ("callable", "rule") and ":" not in self.judge.callable:
-            bad("judge.callable", f"expected an import path 'pkg.module:function', got {self.judge.callable!r}")
-        if self.judge.kind == "scalar_rm" and not self.judge.scalar_rm_path:
-            bad("judge.scalar_rm_path", "is required when judge.kind = 'scalar_rm'")
         for key, value in [("rollout.prompts_per_step", self.rollout.prompts_per_step),
                            ("rollout.max_new_tokens", self.rollout.max_new_tokens),
                            ("train.micro_batch_tokens", self.train.micro_batch_tokens),
                            ("algorithm.votes", self.algorithm.votes),
-                           ("algorithm.max_sampling_rounds", self.algorithm.max_sampling_rounds)]:
+                           ("algorithm.max_sampling_rounds", self.algorithm.max_sampling_rounds),
+                           ("algorithm.ppo_epochs", self.algorithm.ppo_epochs)]:
             if value < 1:
                 bad(key, f"must be >= 1, got {value}")
         if not 0 < self.algorithm.skew_threshold <= 1:
@@ -303,49 +311,37 @@ class RunConfig:
             bad("train.steps", f"must be >= 0, got {self.train.steps}")
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             bad("algorithm.overlong_buffer", "must be smaller than rollout.max_new_tokens")
-        if self.judge.kind == "genrm":
-            self._unify_votes()
-            if self.rollout.sampler == "vllm":
-                self._derive_vllm_judge_mode()
+        mb, P = self.algorithm.ppo_mini_batch_size, self.rollout.prompts_per_step
+        if mb is not None and not (1 <= mb <= P and P % mb == 0):
+            bad("algorithm.ppo_mini_batch_size", f"must divide rollout.prompts_per_step = {P}, got {mb}")
+        self._validate_algorithms()
         return self
 
-    def _unify_votes(self) -> None:
-        """algorithm.votes and judge.genrm.votes are one setting (1 = unset): both take the value set."""
-        a, g = self.algorithm.votes, self.judge.genrm.votes
-        if a == g:
-            return
-        if a > 1 and g > 1:
-            raise ConfigError(f"algorithm.votes = {a} and judge.genrm.votes = {g} disagree: they are one setting "
-                              "(judge samples per pair and order); set only one of them")
-        votes = max(a, g)
-        self.algorithm.votes = votes
-        self.judge.genrm = dataclasses.replace(self.judge.genrm, votes=votes)
+    def _validate_algorithms(self) -> None:
+        """Resolve the registered (or module-path) estimator, loss and reward source; check that they
+        agree on pairwise rewards; run their own checks."""
+        from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, RegistryError
 
-    def _derive_vllm_judge_mode(self) -> None:
-        """rollout.vllm.judge_mode (+ its path) from judge.genrm.weight_sharing; explicit contradictions
-        are errors naming both keys."""
-        g, v = self.judge.genrm, self.rollout.vllm
-        mode, path_key, path = {"self": ("self", None, None),
-                                "lora": ("lora", "judge_lora_path", g.lora_path),
-                                "checkpoint": ("swap", "judge_checkpoint", g.checkpoint_path)}[g.weight_sharing]
-        if v.judge_mode not in ("self", mode):
-            raise ConfigError(f"rollout.vllm.judge_mode = {v.judge_mode!r} contradicts judge.genrm.weight_sharing = "
-                              f"{g.weight_sharing!r} (which implies {mode!r}): set only judge.genrm.weight_sharing "
-                              "(\"lora\" -> vllm \"lora\", \"checkpoint\" -> vllm \"swap\")")
-        genrm_key = {"judge_lora_path": "judge.genrm.lora_path", "judge_checkpoint": "judge.genrm.checkpoint_path"}
-        for key in ("judge_lora_path", "judge_checkpoint"):
-            explicit = getattr(v, key)
-            if explicit is not None and (key != path_key or explicit != path):
-                wanted = f"{genrm_key[key]} = {path!r}" if key == path_key else \
-                    f"judge.genrm.weight_sharing = {g.weight_sharing!r}"
-                raise ConfigError(f"rollout.vllm.{key} = {explicit!r} contradicts {wanted}: set the judge's "
-                                  f"weights under judge.genrm only")
-        changes = {"judge_mode": mode, **({path_key: path} if path_key else {})}
-        try:
-            self.rollout.vllm = dataclasses.replace(v, **changes)
-        except ValueError as e:  # e.g. "swap" needs enable_sleep_mode
-            raise ConfigError(f"rollout.vllm (judge_mode {mode!r} from judge.genrm.weight_sharing = "
-                              f"{g.weight_sharing!r}): {e}") from None
+        entries = {}
+        for key, registry, name in [("algorithm.estimator", ESTIMATORS, self.algorithm.estimator),
+                                    ("algorithm.policy_loss", POLICY_LOSSES, self.algorithm.policy_loss),
+                                    ("judge.kind", REWARD_SOURCES, self.judge.kind)]:
+            try:
+                entries[key] = registry.get(name)
+            except RegistryError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        estimator, source = entries["algorithm.estimator"], entries["judge.kind"]
+        pairwise = [n for n in REWARD_SOURCES.names() if REWARD_SOURCES.get(n).pairwise]
+        if estimator.pairwise and not source.pairwise:
+            raise ConfigError(f"judge.kind: estimator {self.algorithm.estimator!r} needs a pairwise judge "
+                              f"(one of {pairwise}), got {self.judge.kind!r}")
+        if source.pairwise and not estimator.pairwise:
+            wanted = [n for n in ESTIMATORS.names() if ESTIMATORS.get(n).pairwise]
+            raise ConfigError(f"algorithm.estimator: a pairwise judge ({self.judge.kind!r}) pairs with a pairwise "
+                              f"estimator (one of {wanted}), got {self.algorithm.estimator!r}")
+        for entry in entries.values():
+            if entry.validate is not None:
+                entry.validate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -41,6 +41,22 @@ def export_model(lm, tokenizer, out_dir: str | Path, state_dict: dict | None = N
     return out_dir
 
 
+def export_live_policy(policy, tokenizer, out_dir: str | Path, is_main: bool) -> Path:
+    """HF export of a live `FusedHeadCausalLM` policy, FSDP2-sharded or not (collective: the full
+    weights are gathered to rank 0 on CPU, which writes them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from wz_engine import distributed as wzdist
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        export_model(policy.model, tokenizer, out_dir, state_dict=state)
+    wzdist.barrier()
+    return Path(out_dir)
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Load a run's latest (or given) checkpoint into an unsharded model and export it. The model
     is loaded by its HF names, so a checkpoint written with a LoRA judge injected (peft-renamed

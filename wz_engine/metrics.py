@@ -59,6 +59,43 @@ def reward_monitors(rewards: torch.Tensor, lengths: torch.Tensor) -> dict[str, f
     return out
 
 
+def step_metrics(update: dict, ubs: list, ents: list | None, rewards: torch.Tensor, skew_kept: torch.Tensor,
+                 groups: list, judge_stats: dict, group_size: int, wall: float) -> dict:
+    """The rollout step's log, global over ranks (collective: every rank calls it).
+
+    update: `schedule.combine_updates` of the step's optimizer steps; ubs: its mini-batches
+    (`update.UpdateBatch`); ents: per mini-batch the old pass's token entropies (None on-policy,
+    where the update measured them: update["entropy"]); rewards, skew_kept [B] of this rank."""
+    from wz_engine import distributed as wzdist
+
+    lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
+    masks = [m for ub in ubs for m in ub.masks]
+    ent_sum = 0.0 if ents is None else sum(float((e * m).sum()) for e, m in zip([e for x in ents for e in x], masks))
+    tokens = sum(b.num_tokens for ub in ubs for b in ub.batches[:ub.num_real])  # not the 1-token padding ones
+    global_tokens = sum(ub.global_tokens for ub in ubs)
+    dropped = float((~skew_kept.bool()).sum()) / max(group_size, 1) if len(skew_kept) else 0
+    # Gather what needs all ranks (sums), then per-rank monitors from rank 0's shard + sums.
+    sums = wzdist.all_reduce(torch.tensor([ent_sum, float(tokens), float(len(groups)), dropped,
+                                           float(lengths.sum()), float(len(lengths)),
+                                           float(lengths.max()) if len(lengths) else 0.0], dtype=torch.float64))
+    max_len = float(wzdist.all_reduce(float(lengths.max()) if len(lengths) else 0.0, op="max"))
+    all_rewards = torch.cat([torch.as_tensor(x) for x in wzdist.all_gather_object(rewards.tolist())])
+    all_lengths = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in wzdist.all_gather_object(lengths.tolist())])
+    out = {**update,
+           # on-policy there is no old pass: the update's pass measured it (global token mean)
+           "entropy": update["entropy"] if ents is None else float(sums[0]) / global_tokens,
+           "tokens": float(sums[1]), "tokens_per_s": float(sums[1]) / wall, "time/step": wall,
+           "brpo/skew_drop_rate": float(sums[3]) / max(float(sums[2]), 1.0)}
+    if len(all_rewards):
+        out.update(reward_monitors(all_rewards, all_lengths))
+    out["response/length_max"] = max_len
+    # Judge monitors: averaged across ranks (each rank judged its own groups).
+    for k, v in judge_stats.items():
+        vals = [x for x in wzdist.all_gather_object(v) if x is not None and not math.isnan(x)]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
 class MetricsLogger:
     """Writes one JSON line per step to output_dir/metrics.jsonl (main rank only), plus TensorBoard
     scalars and W&B when enabled."""

@@ -63,8 +63,10 @@ class PolicyLossBatch:
     seq_ids: torch.Tensor | None = None
     """[N] int: sequence id of each token (required by the seq-* aggregation modes)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Loss options passed to `fused_linear_policy_loss`: clip_low, clip_high, dual_clip, kl_coef,
-    kl_estimator, agg, loss_scale, global_tokens, global_seqs."""
+    """Loss options: for the default loss the keyword arguments of `fused_linear_policy_loss` (clip_low,
+    clip_high, dual_clip, kl_coef, kl_estimator, agg, loss_scale, global_tokens, global_seqs)."""
+    loss: Any = None
+    """A `wz_engine.algorithms.PolicyLoss`; None: PPO-clip (`fused_linear_policy_loss`)."""
 
 
 class FusedHeadCausalLM(nn.Module):
@@ -118,8 +120,8 @@ class FusedHeadCausalLM(nn.Module):
     ):
         """Without `policy_loss`: logprobs [N] f32 (and entropy [N] f32 with `return_entropy`).
 
-        With `policy_loss`: (loss 0-d f32, metrics dict) of `fused_linear_policy_loss` on these tokens,
-        plus entropy [N] f32 (no gradient, from the same pass) with `return_entropy`.
+        With `policy_loss`: (loss 0-d f32, metrics dict) of its loss (`fused_linear_policy_loss` by
+        default) on these tokens, plus entropy [N] f32 (no gradient, same pass) with `return_entropy`.
         """
         hidden = self.hidden_states(input_ids, position_ids, **backbone_kwargs)
         weight, bias = self.lm_head_weight()
@@ -129,8 +131,7 @@ class FusedHeadCausalLM(nn.Module):
         if policy_loss is None:
             return wz_kernels.fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy,
                                                     **common)
-        b = policy_loss
-        return wz_kernels.fused_linear_policy_loss(
-            hidden, weight, targets, b.old_logprobs, b.advantages, b.mask, ref_logprobs=b.ref_logprobs,
-            seq_ids=b.seq_ids, return_entropy=return_entropy, **common, **b.options,
-        )
+        loss = policy_loss.loss
+        if loss is None:
+            from wz_engine.algorithms.losses.ppo_clip import PPO_CLIP as loss
+        return loss(hidden, weight, targets, policy_loss, return_entropy=return_entropy, **common)

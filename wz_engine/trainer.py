@@ -24,54 +24,28 @@ import torch
 
 from wz_engine import checkpoint as ckpt
 from wz_engine import distributed as wzdist
+from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, AdvantageInputs
 from wz_engine.build import HF_CONFIG_DIR, TOKENIZER_DIR, build_reward_source, build_sampler, build_tokenizer_and_model
 from wz_engine.config import RunConfig
 from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
-from wz_engine.export import export_model
-from wz_engine.metrics import MetricsLogger, PhaseTimer, reward_monitors
+from wz_engine.export import export_live_policy
+from wz_engine.metrics import MetricsLogger, PhaseTimer, step_metrics
 from wz_engine.modeling import FusedHeadCausalLM
-from wz_engine.rewards.advantages import compute_advantages, loss_rows
 from wz_engine.rewards.dapo import informative_groups, overlong_penalty
 from wz_engine.rollout.base import SamplingParams
-from wz_engine.update import (LossOptions, accumulate_gradients, apply_rollout_correction, clip_and_norm,
-                              lr_lambda, model_inputs, pack_for_update, packed_logprobs)
+from wz_engine.rollout.batch import Rollouts
+from wz_engine.schedule import combine_updates, mini_batch_rows, num_mini_batches
+from wz_engine.update import (accumulate_gradients, apply_rollout_correction, clip_and_norm, lr_lambda,
+                              pack_for_update, packed_logprobs, warm_up_roots)
 
 log = logging.getLogger("wz_engine")
 
 
+_MINI_BATCH_SALT = 0x6D62  # keeps the mini-batch shuffle's seeds apart from the per-prompt sampling seeds
+
+
 def _seed_for(*keys: int) -> int:
     return int(np.random.default_rng([int(k) for k in keys]).integers(0, 2**62))
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """This rank's groups for one step, with their rewards and advantages (rows prompt-major)."""
-
-    prompts: list = dataclasses.field(default_factory=list)
-    groups: list = dataclasses.field(default_factory=list)
-    """groups[p][j]: Completion j of prompt p."""
-    rows: dict = dataclasses.field(default_factory=lambda: {k: [] for k in _ROW_KEYS})
-    """Per-row tensors [G] per group: rewards, is_ref, adv, in_loss, skew (kept by the skew filter)."""
-    judge_stats: dict = dataclasses.field(default_factory=dict)
-    rounds: int = 0
-
-    def add(self, prompt, group, *row_values) -> None:
-        self.prompts.append(prompt)
-        self.groups.append(group)
-        for key, value in zip(_ROW_KEYS, row_values):
-            self.rows[key].append(value)
-
-    def cat(self, key: str) -> torch.Tensor:
-        return torch.cat(self.rows[key]) if self.rows[key] else torch.zeros(0)
-
-    def prompt_ids(self) -> list[list[int]]:
-        return [list(p.token_ids) for p, g in zip(self.prompts, self.groups) for _ in g]
-
-    def response_ids(self) -> list[list[int]]:
-        return [list(c.token_ids) for g in self.groups for c in g]
-
-
-_ROW_KEYS = ("rewards", "is_ref", "adv", "in_loss", "skew")
 
 
 class Trainer:
@@ -85,6 +59,11 @@ class Trainer:
         P, W = cfg.rollout.prompts_per_step, self.info.world_size
         if P % W:
             raise ValueError(f"rollout.prompts_per_step: {P} is not divisible by the world size {W}")
+        self.mini_batches = num_mini_batches(P, cfg.algorithm.ppo_mini_batch_size)
+        self.updates_per_rollout = cfg.algorithm.ppo_epochs * self.mini_batches
+        self.estimator = ESTIMATORS.get(cfg.algorithm.estimator)
+        self.loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+        self.reward_source = REWARD_SOURCES.get(cfg.judge.kind)
         if self.device.type == "cpu" and cfg.train.cpu_threads > 0:
             torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
@@ -120,11 +99,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=oc.lr,
                                            betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(oc.warmup_steps, cfg.train.steps, oc.schedule, oc.min_lr_ratio))
+            self.optimizer, lr_lambda(oc.warmup_steps, cfg.train.steps * self.updates_per_rollout, oc.schedule,
+                                      oc.min_lr_ratio))
         self.sampler = build_sampler(cfg, self.policy, tokenizer, self.info)
         self.rewarder = build_reward_source(cfg, lm, tokenizer, self.device,
                                             lambda: wzdist.gathered_for_generation(self.policy), self.sampler)
-        self.step_idx = 0  # completed steps
+        self.step_idx = 0  # completed rollout steps
+        self.optimizer_step = 0  # optimizer steps taken (or skipped as non-finite)
+        self.last_updates: list = []  # the last rollout step's optimizer steps: (metrics, grad norm, lr, taken)
         self.nonfinite_in_a_row = 0
         self.stop_requested = False
         self.last_sample: dict | None = None
@@ -138,6 +120,7 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
             state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.info.rank)
             self.step_idx = state["step"]
+            self.optimizer_step = state.get("optimizer_step", self.step_idx)
             self.stream.load_state_dict(state["data"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
@@ -152,15 +135,8 @@ class Trainer:
     def _warm_up_fsdp(self) -> None:
         """Run one tiny forward through each FSDP root so it initialises as the root before the sampler
         calls its submodules directly."""
-        if not self.info.enabled:
-            return
-        from wz_engine.packing import pack_rl_batch
-
-        dummy = pack_rl_batch([[self.tokenizer.pad_token_id]], [[]], 8)[0].to(self.device)
-        with torch.no_grad():
-            for m in (self.policy, self.ref):
-                if m is not None:
-                    m(**model_inputs(dummy, m.config))
+        if self.info.enabled:
+            warm_up_roots([self.policy, self.ref], self.tokenizer.pad_token_id, self.device)
 
     # -- phases ---------------------------------------------------------------------------------
     def _use_tis(self) -> bool:
@@ -170,12 +146,13 @@ class Trainer:
         """Whether the update can take each token's own detached log-prob as the old one and skip the
         separate old-logprob pass (one pass over the vocabulary less per micro-batch).
 
-        The trainer takes exactly one optimizer step per rollout batch and the old log-probs are always
-        recomputed from the current weights, so they equal the update's own: ratio 1, clip inactive.
-        Kept: with vLLM's truncated-IS correction (it weighs the trainer's old log-probs against the
-        engine's before the update), and when `recompute_old_logprobs` asks for it. Anything new that
-        reads old log-probs outside the loss must be added here."""
-        return not self._use_tis() and not self.recompute_old_logprobs
+        With exactly one optimizer step per rollout batch the old log-probs (recomputed from the current
+        weights) equal the update's own: ratio 1, clip inactive. Kept: with several optimizer steps
+        (epochs x mini-batches: from the second on the weights have moved), with vLLM's truncated-IS
+        correction (it weighs the trainer's old log-probs against the engine's before the update), and
+        when `recompute_old_logprobs` asks for it. Anything new that reads old log-probs outside the
+        loss must be added here."""
+        return self.updates_per_rollout == 1 and not self._use_tis() and not self.recompute_old_logprobs
 
     def _sampling_params(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -209,37 +186,26 @@ class Trainer:
         return groups
 
     def rewards(self, prompts, groups) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """-> rewards [B], is_reference [B] bool, judge stats."""
-        cfg = self.cfg
-        texts = [[c.text for c in g] for g in groups]
-        if cfg.judge.kind in ("callable", "genrm"):
-            from wz_engine.rewards.brpo import assemble_brpo_rewards
-
-            out = assemble_brpo_rewards(self.rewarder, [p.text for p in prompts], texts, [p.uid for p in prompts],
-                                        step=self.step_idx, seed=cfg.train.seed, votes=cfg.algorithm.votes,
-                                        inconsistent=cfg.algorithm.inconsistent,
-                                        references=[p.reference for p in prompts])
-            return out.rewards, out.is_reference, out.stats
-        flat_prompts = [p.text for p, g in zip(prompts, texts) for _ in g]
-        flat_refs = [p.reference for p, g in zip(prompts, texts) for _ in g]
-        scores = self.rewarder.score(flat_prompts, [t for g in texts for t in g], flat_refs)
-        r = torch.tensor(scores, dtype=torch.float32)
-        return r, torch.zeros_like(r, dtype=torch.bool), {}
+        """-> rewards [B], is_reference [B] bool, judge stats (from the reward source `judge.kind`)."""
+        out = self.reward_source.group_rewards(self.rewarder, prompts, groups, self.step_idx, self.cfg)
+        return out.rewards, out.is_reference, out.stats
 
     def advantages(self, prompts, groups, rewards, is_ref):
-        """-> advantages [B], rows in the loss [B] bool, kept-by-skew-filter [B] bool."""
+        """-> advantages [B], rows in the loss [B] bool, kept-by-the-estimator [B] bool. The rewards are
+        checked here on the host (the estimator's kernels then run without a device sync)."""
         a = self.cfg.algorithm
         group_ids = torch.tensor([p.uid for p, g in zip(prompts, groups) for _ in g], dtype=torch.long)
         if len(group_ids) == 0:
             z = torch.zeros(0)
             return z, z.bool(), z.bool()
-        adv = compute_advantages(a.estimator, rewards, group_ids, a.skew_threshold)
+        lengths = torch.tensor([len(c.token_ids) for g in groups for c in g])
+        adv = self.estimator(AdvantageInputs(rewards, group_ids, is_ref, lengths), a)
         values = adv.values
         if a.overlong_buffer > 0:
-            lengths = torch.tensor([len(c.token_ids) for g in groups for c in g])
             values = values + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer,
                                                a.overlong_penalty) * adv.kept
-        in_loss = loss_rows(a.estimator, is_ref, a.keep_reference)
+        # a group's reference rollout stays out of the loss unless keep_reference (then with A = 0)
+        in_loss = ~is_ref | a.keep_reference
         values = torch.where(is_ref, torch.zeros_like(values), values)
         return values, in_loss, adv.kept
 
@@ -280,32 +246,37 @@ class Trainer:
         return got
 
     def update(self, ub, old_lps, ref_lps, temperature: float) -> tuple[dict, float, float, bool]:
-        """Accumulate gradients over the micro-batches, clip, and step (skipped when non-finite).
-        -> (loss metrics, grad norm, learning rate used, whether the step was taken)."""
-        a = self.cfg.algorithm
-        loss_scale = (a.loss_scale or float(self.cfg.rollout.max_new_tokens)) \
-            if a.agg == "seq-mean-token-sum-norm" else None
-        opts = LossOptions(a.clip_low, a.clip_high, a.dual_clip, a.kl_coef, a.kl_estimator, a.agg, loss_scale)
+        """One optimizer step on one mini-batch: accumulate gradients over its micro-batches, clip, and
+        step (skipped when non-finite). -> (loss metrics, grad norm, learning rate used, step taken)."""
+        options = self.loss_fn.options(self.cfg.algorithm, self.cfg.rollout.max_new_tokens)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(self.policy, ub, old_lps, ref_lps, self.device, temperature, opts)
+        metrics = accumulate_gradients(self.policy, ub, old_lps, ref_lps, self.device, temperature, options,
+                                       self.loss_fn)
         grad_norm = clip_and_norm(self.policy, self.cfg.optim.grad_clip)
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        self.optimizer_step += 1
         if finite:
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
-                        self.step_idx + 1, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
+            log.warning("step %d (optimizer step %d): non-finite loss (%s) or grad norm (%s): skipped (%d in a row)",
+                        self.step_idx + 1, self.optimizer_step, metrics["loss"], grad_norm, self.nonfinite_in_a_row)
         lr = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
+        with warnings.catch_warnings():  # the schedule follows optimizer steps, skipped ones included
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         return metrics, grad_norm, lr, finite
 
+    def optimize(self, ubs, olds, refs, temperature: float) -> dict:
+        """`algorithm.ppo_epochs` passes over the mini-batches, one optimizer step each (wz_engine.schedule)."""
+        self.last_updates = [self.update(ub, old, ref, temperature)
+                             for _ in range(self.cfg.algorithm.ppo_epochs) for ub, old, ref in zip(ubs, olds, refs)]
+        return combine_updates(self.last_updates)
+
     def step(self) -> dict:
-        """One training step: the straight line of DESIGN.md section 4."""
+        """One rollout step: the straight line of DESIGN.md section 4 (ppo_epochs x mini-batches updates)."""
         cfg = self.cfg
         timer = PhaseTimer()
         t0 = time.perf_counter()
@@ -316,21 +287,31 @@ class Trainer:
             got = self.collect(timer)
         self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         with timer("pack"):
-            ub = pack_for_update(got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss").bool(),
-                                 cfg.train.micro_batch_tokens, self.tokenizer.pad_token_id)
+            P_local = cfg.rollout.prompts_per_step // self.info.world_size
+            parts = mini_batch_rows(len(got.groups), cfg.rollout.group_size, self.mini_batches,
+                                    _seed_for(_MINI_BATCH_SALT, cfg.train.seed, self.step_idx),
+                                    self.info.rank * P_local, cfg.rollout.prompts_per_step)
+            prompts, responses, adv, in_loss = got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss")
+            ubs = [pack_for_update([prompts[i] for i in rows.tolist()], [responses[i] for i in rows.tolist()],
+                                   adv[rows], in_loss.bool()[rows], cfg.train.micro_batch_tokens,
+                                   self.tokenizer.pad_token_id) for rows in parts]
         temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.policy.train()
         with timer("logprob"):
             # on-policy: old log-probs (and the logged entropy) come out of the update's own pass
-            old_lps, ents = (None, None) if self._on_policy() else packed_logprobs(
-                self.policy, ub, self.device, temperature, return_entropy=True)
-            ref_lps = packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
+            olds, ents = [None] * len(ubs), None
+            if not self._on_policy():
+                passes = [packed_logprobs(self.policy, ub, self.device, temperature, return_entropy=True) for ub in ubs]
+                olds, ents = [lp for lp, _ in passes], [e for _, e in passes]
+            refs = [packed_logprobs(self.ref, ub, self.device, temperature)[0] if self.ref is not None else None
+                    for ub in ubs]
         tis = {}
         if self._use_tis():
             engine = [torch.tensor(c.logprobs, dtype=torch.float32) for g in got.groups for c in g]
-            tis = apply_rollout_correction(ub, old_lps, engine, cfg.rollout.vllm.is_correction_cap)
+            tis = apply_rollout_correction(ubs, olds, [[engine[i] for i in rows.tolist()] for rows in parts],
+                                           cfg.rollout.vllm.is_correction_cap)
         with timer("update"):
-            metrics, grad_norm, lr, finite = self.update(ub, old_lps, ref_lps, temperature)
+            update = self.optimize(ubs, olds, refs, temperature)
         self.sync_weights(self.step_idx + 1, timer)
         self.step_idx += 1
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
@@ -340,50 +321,18 @@ class Trainer:
         if got.groups:
             self.last_sample = {"prompt": got.prompts[0].text, "response": got.groups[0][0].text,
                                 "reward": float(got.cat("rewards")[0]), "advantage": float(got.cat("adv")[0])}
-        cat = {k: got.cat(k) for k in ("rewards", "skew")}
-        out = self._step_metrics(metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, got.groups,
-                                 got.judge_stats, got.rounds)
+        out = step_metrics(update, ubs, ents, got.cat("rewards"), got.cat("skew"), got.groups, got.judge_stats,
+                           cfg.rollout.group_size, time.perf_counter() - t0)
+        out.update({"sampling_rounds": got.rounds, "data/filtered_prompts": self.filtered,
+                    "data/epoch": self.stream.epoch, "train/rollout_step": self.step_idx,
+                    "train/optimizer_step": self.optimizer_step, **timer.pop()})
         last_sync = getattr(self.sampler, "last_sync", None)  # vLLM: seconds, GB/s, bytes of the push
         return {**out, **tis, **(last_sync.as_log() if last_sync is not None else {})}
-
-    def _step_metrics(self, metrics, grad_norm, lr, finite, timer, t0, ub, ents, cat, groups, judge_stats, rounds):
-        lengths = torch.tensor([len(c.token_ids) for g in groups for c in g], dtype=torch.float64)
-        masks = ub.masks
-        ent_sum = 0.0 if ents is None else sum(float((e * m).sum()) for e, m in zip(ents, masks))
-        tokens = sum(b.num_tokens for b in ub.batches)
-        n_groups = len(groups)
-        dropped = float((~cat["skew"].bool()).sum()) / max(self.cfg.rollout.group_size, 1) if len(cat["skew"]) else 0
-        # Gather what needs all ranks (sums), then per-rank monitors from rank 0's shard + sums.
-        sums = wzdist.all_reduce(torch.tensor([ent_sum, float(tokens), float(n_groups), dropped,
-                                               float(lengths.sum()), float(len(lengths)),
-                                               float(lengths.max()) if len(lengths) else 0.0],
-                                              dtype=torch.float64))
-        max_len = float(wzdist.all_reduce(float(lengths.max()) if len(lengths) else 0.0, op="max"))
-        all_rewards = torch.cat([torch.as_tensor(x) for x in wzdist.all_gather_object(cat["rewards"].tolist())])
-        all_lengths = torch.cat([torch.as_tensor(x, dtype=torch.float64)
-                                 for x in wzdist.all_gather_object(lengths.tolist())])
-        wall = time.perf_counter() - t0
-        out = {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
-               # on-policy there is no old pass: the update's pass measured it (global token mean)
-               "entropy": metrics["entropy"] if ents is None else float(sums[0]) / ub.global_tokens,
-               "tokens": float(sums[1]), "tokens_per_s": float(sums[1]) / wall, "time/step": wall,
-               "brpo/skew_drop_rate": float(sums[3]) / max(float(sums[2]), 1.0), "sampling_rounds": rounds,
-               "data/filtered_prompts": self.filtered, "data/epoch": self.stream.epoch}
-        if len(all_rewards):
-            out.update(reward_monitors(all_rewards, all_lengths))
-        out["response/length_max"] = max_len
-        # Judge monitors: averaged across ranks (each rank judged its own groups).
-        for k, v in judge_stats.items():
-            vals = [x for x in wzdist.all_gather_object(v) if x is not None and not math.isnan(x)]
-            out[k] = sum(vals) / len(vals) if vals else float("nan")
-        out.update(timer.pop())
-        out["time/step"] = wall
-        return out
 
     # -- loop -----------------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step_idx, "data": self.stream.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "optimizer_step": self.optimizer_step}
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
         return ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
@@ -440,15 +389,7 @@ class Trainer:
 
     def export(self, out_dir: str | Path) -> Path:
         """HF export of the current policy (collective: full weights gathered to rank 0 on CPU)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.info.is_main:
-            prefix = "model."
-            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-            export_model(self.policy.model, self.tokenizer, out_dir, state_dict=state)
-        wzdist.barrier()
-        return Path(out_dir)
+        return export_live_policy(self.policy, self.tokenizer, out_dir, self.info.is_main)
 
 
 def _truncate_metrics(out: Path, step: int) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from wz_engine import distributed as wzdist
+from wz_engine.algorithms.loss import PolicyLoss
+from wz_engine.algorithms.losses.ppo_clip import PPO_CLIP
 from wz_engine.modeling import IGNORE_INDEX, PolicyLossBatch
 from wz_engine.packing import PackedRLBatch, pack_rl_batch
 
@@ -68,6 +70,16 @@ def pack_for_update(prompt_ids: list[list[int]], response_ids: list[list[int]], 
 
 
 @torch.no_grad()
+def warm_up_roots(models: list, pad_id: int, device) -> None:
+    """One tiny forward through each FSDP root (None entries skipped), so that each initialises as the
+    root before anything calls its submodules directly."""
+    dummy = pack_rl_batch([[pad_id]], [[]], 8)[0].to(device)
+    for m in models:
+        if m is not None:
+            m(**model_inputs(dummy, m.config))
+
+
+@torch.no_grad()
 def packed_logprobs(model: torch.nn.Module, ub: UpdateBatch, device, temperature: float,
                     return_entropy: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Log-probs [N] (and entropies) of every micro-batch, no grad (old / reference policy)."""
@@ -83,28 +95,29 @@ def packed_logprobs(model: torch.nn.Module, ub: UpdateBatch, device, temperature
     return lps, (ents if return_entropy else None)
 
 
-def apply_rollout_correction(ub: UpdateBatch, old_lps: list[torch.Tensor], engine_logprobs: list[torch.Tensor],
-                             cap: float) -> dict[str, float]:
+def apply_rollout_correction(ubs: list[UpdateBatch], old_lps: list[list[torch.Tensor]],
+                             engine_logprobs: list[list[torch.Tensor]], cap: float) -> dict[str, float]:
     """Truncated importance sampling for the sampler/trainer mismatch (wz_engine.rollout.correction):
     multiplies each micro-batch's per-token advantages by min(pi_old / pi_engine, cap) in place.
 
-    engine_logprobs: per rollout (original order) the sampler's log-prob of each response token.
+    Per mini-batch: `ubs[m]`, its old log-probs per micro-batch `old_lps[m]`, and `engine_logprobs[m]`:
+    per rollout (in the order packed into ubs[m]) the sampler's log-prob of each response token.
     Returns the step's global monitors (all ranks): mean |old - engine| log-prob, fraction of tokens
     capped, and the largest untruncated ratio (the outlier a mean hides)."""
     from wz_engine.rollout.correction import apply_tis, tis_weights
 
     diff_sum = capped = tokens = 0.0
     max_ratio = 0.0
-    for i in range(ub.num_real):
-        b = ub.batches[i]
-        engine = b.scatter_responses(engine_logprobs, fill=0.0).to(old_lps[i].device)
-        weights, m = tis_weights(old_lps[i], engine, ub.masks[i].to(old_lps[i].device), cap)
-        ub.advantages[i] = apply_tis(ub.advantages[i].to(weights.device), weights.to(torch.float32))
-        diff_sum += m.mean_abs_logp_diff * m.tokens
-        capped += m.frac_capped * m.tokens
-        tokens += m.tokens
-        if m.tokens:
-            max_ratio = max(max_ratio, m.max_ratio)
+    for ub, olds, engines in zip(ubs, old_lps, engine_logprobs, strict=True):
+        for i in range(ub.num_real):
+            engine = ub.batches[i].scatter_responses(engines, fill=0.0).to(olds[i].device)
+            weights, m = tis_weights(olds[i], engine, ub.masks[i].to(olds[i].device), cap)
+            ub.advantages[i] = apply_tis(ub.advantages[i].to(weights.device), weights.to(torch.float32))
+            diff_sum += m.mean_abs_logp_diff * m.tokens
+            capped += m.frac_capped * m.tokens
+            tokens += m.tokens
+            if m.tokens:
+                max_ratio = max(max_ratio, m.max_ratio)
     sums = wzdist.all_reduce(torch.tensor([diff_sum, capped, tokens], dtype=torch.float64))
     max_ratio = float(wzdist.all_reduce(max_ratio, op="max"))
     n = max(float(sums[2]), 1.0)
@@ -112,21 +125,13 @@ def apply_rollout_correction(ub: UpdateBatch, old_lps: list[torch.Tensor], engin
             "tis/max_ratio": max_ratio}
 
 
-@dataclass
-class LossOptions:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    agg: str = "token-mean"
-    loss_scale: float | None = None
-
-
 def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[torch.Tensor] | None,
-                         ref_lps: list[torch.Tensor] | None, device, temperature: float,
-                         opts: LossOptions) -> dict[str, float]:
+                         ref_lps: list[torch.Tensor] | None, device, temperature: float, options: dict,
+                         loss_fn: PolicyLoss | None = None) -> dict[str, float]:
     """Forward + backward over every micro-batch; gradients accumulate in `.grad`.
+
+    `loss_fn`: a registered policy loss (None: ppo_clip); `options`: its `options(cfg)` (for ppo_clip
+    the keyword arguments of `fused_linear_policy_loss`: clip_low, clip_high, agg, ...).
 
     old_lps None is the on-policy fast path (the rollouts were sampled from the current weights and
     this is their only optimizer step): the fused loss takes each token's own detached log-prob as the
@@ -136,27 +141,27 @@ def accumulate_gradients(model: torch.nn.Module, ub: UpdateBatch, old_lps: list[
     Returns this step's global metrics (loss summed over micro-batches and ranks; the clip fractions,
     ratio, KL and, on-policy, entropy as token-weighted means)."""
     on_policy = old_lps is None
+    loss_fn = loss_fn or PPO_CLIP
     # Token-weighted metric sums accumulate on the device and cross to the host once per step:
     # reading them per micro-batch would stall the GPU between micro-batches.
-    mean_keys = ["clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean"]
+    mean_keys = list(loss_fn.metrics)
     keys = ["loss", *mean_keys, *(["entropy"] if on_policy else [])]
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)  # [metrics..., tokens]
-    options = dict(clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip,
-                   kl_coef=opts.kl_coef, kl_estimator=opts.kl_estimator, agg=opts.agg, loss_scale=opts.loss_scale,
-                   global_tokens=ub.global_tokens, global_seqs=ub.global_seqs)
+    options = {**options, "global_tokens": ub.global_tokens, "global_seqs": ub.global_seqs}
     for i, b in enumerate(ub.batches):
         b = b.to(device)
         mask = ub.masks[i].to(device)
         batch_loss = PolicyLossBatch(None if on_policy else old_lps[i].to(device), ub.advantages[i].to(device),
                                      mask, ref_lps[i].to(device) if ref_lps is not None else None,
-                                     b.token_sequence_index, options)
+                                     b.token_sequence_index, options, loss_fn)
         # fused_linear_policy_loss inside the root's forward: logprob + loss per chunk, no [N, V].
         out = model(**model_inputs(b, model.config), temperature=temperature, policy_loss=batch_loss,
                     return_entropy=on_policy)
         loss, metrics = out[:2]
         loss.backward()
         n = mask.sum().to(torch.float64)
-        row = [loss.detach().to(torch.float64)] + [metrics[k].to(torch.float64) * n for k in mean_keys]
+        row = [loss.detach().to(torch.float64)] + [torch.as_tensor(metrics[k], dtype=torch.float64, device=device) * n
+                                                   for k in mean_keys]
         if on_policy:
             row.append((out[2] * mask).sum().to(torch.float64))
         sums += torch.stack(row + [n])

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from wz_engine.algorithms import ESTIMATORS, AdvantageInputs
+from wz_engine.config import AlgorithmConfig
 from wz_engine.judge.base import Verdict
-from wz_engine.rewards.advantages import compute_advantages, loss_rows
 from wz_engine.rewards.brpo import assemble_brpo_rewards, draw_references
 
 
@@ -113,23 +114,34 @@ def test_invalid_verdicts_give_zero_and_are_counted():
     assert everything_bad.stats["judge/invalid_rate"] == 1.0
 
 
-def test_skew_filter_and_reference_excluded_from_the_loss():
+def _advantages(estimator, rewards, group_ids, skew_threshold=0.6):
+    cfg = AlgorithmConfig(estimator=estimator, skew_threshold=skew_threshold)
+    n = len(rewards)
+    return ESTIMATORS.get(estimator)(AdvantageInputs(rewards, group_ids, torch.zeros(n, dtype=torch.bool),
+                                                     torch.ones(n, dtype=torch.long)), cfg)
+
+
+def test_skew_filter():
     # group 0: three wins of four rows -> |3|/4 = 0.75 > 0.6: dropped. group 1: +1 -1 +1 -> 1/4: kept.
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, -1.0, 0.0, 1.0])
     group_ids = torch.tensor([5, 5, 5, 5, 9, 9, 9, 9])
-    is_ref = rewards.eq(0)
-    adv = compute_advantages("brpo", rewards, group_ids, skew_threshold=0.6)
+    adv = _advantages("brpo", rewards, group_ids, skew_threshold=0.6)
     assert adv.values.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0]
     assert adv.kept.tolist() == [False] * 4 + [True] * 4
-    assert loss_rows("brpo", is_ref, keep_reference=False).tolist() == (~is_ref).tolist()
-    assert loss_rows("brpo", is_ref, keep_reference=True).all()
-    assert loss_rows("grpo", is_ref, keep_reference=False).all()
+
+
+def test_rewards_are_checked_on_the_host_before_the_kernel():
+    g = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"estimator 'brpo': pairwise rewards must be -1, 0 or \+1; found \[0.5\]"):
+        _advantages("brpo", torch.tensor([1.0, 0.5, -1.0, 0.0]), g)
+    with pytest.raises(ValueError, match=r"estimator 'grpo': rewards must be finite; rows \[1\]"):
+        _advantages("grpo", torch.tensor([1.0, float("nan"), 0.0, 2.0]), g)
 
 
 def test_grpo_estimator_through_the_kernel():
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0])
     g = torch.tensor([0, 0, 0, 1, 1])
-    adv = compute_advantages("grpo", r, g).values
+    adv = _advantages("grpo", r, g).values
     torch.testing.assert_close(adv[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5, rtol=0)
     assert adv[3:].abs().max() < 1e-6
 

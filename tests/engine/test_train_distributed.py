@@ -25,8 +25,12 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_two_process_fsdp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("schedule", [[], ["algorithm.ppo_epochs=2", "algorithm.ppo_mini_batch_size=2"]],
+                         ids=["1x1", "2x2"])
+def test_two_process_fsdp_matches_one_process(tmp_path, schedule):
+    """2 x 2: the mini-batches are the same whatever the world size (one rank may hold none of one)."""
     overrides = ["--set", "train.steps=3", "--set", "checkpoint.export_at_end=true"]
+    overrides += [x for item in schedule for x in ("--set", item)]
     # World size 1 in this process (plain python, no process group), world size 2 under torchrun.
     assert train_main([str(TINY), *overrides, "--set", f'train.output_dir="{tmp_path / "one"}"']) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -44,6 +48,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
         assert ra["entropy"] == pytest.approx(rb["entropy"], rel=1e-5)
+        assert ra["train/optimizer_step"] == rb["train/optimizer_step"] == ra["step"] * (4 if schedule else 1)
     assert any(r["grad_norm"] > 0 for r in a)
     # One checkpoint at the end, written by both ranks.
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000003"

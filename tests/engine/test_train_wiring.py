@@ -148,7 +148,7 @@ def test_rollout_correction_logs_the_max_ratio():
             k = int((mask[:t] & (seqs[:t] == s)).sum())
             ratios.append(math.exp(float(o[t]) - float(engine[s][k])))
     assert len(ratios) == sum(len(r) for r in responses)
-    m = apply_rollout_correction(ub, old, engine, cap=2.0)
+    m = apply_rollout_correction([ub], [old], [engine], cap=2.0)
     assert m["tis/max_ratio"] == pytest.approx(max(ratios), rel=1e-5)
     assert m["tis/frac_capped"] == pytest.approx(sum(r > 2.0 for r in ratios) / len(ratios))
 
@@ -207,6 +207,17 @@ def test_trainer_without_correction_asks_for_no_logprobs(tmp_path, monkeypatch):
     m = trainer.step()
     assert all(sp.logprobs is None for _, params, _ in trainer.sampler.llm.generate_requests for sp in params)
     assert not any(k.startswith("tis/") for k in m) and "sync/seconds" in m
+
+
+def test_rollout_correction_over_mini_batches_equals_one_batch(tmp_path, monkeypatch):
+    """TIS weighs each mini-batch's rollouts by their own engine log-probs: the step's monitors are those of
+    the whole batch, whatever the partition (the old log-probs all come from the pre-update weights)."""
+    whole = _vllm_trainer(tmp_path / "whole", monkeypatch).step()
+    split = _vllm_trainer(tmp_path / "split", monkeypatch, "algorithm.ppo_mini_batch_size=1").step()
+    assert split["train/optimizer_step"] == 2
+    assert split["tis/frac_capped"] == whole["tis/frac_capped"]
+    for key in ("tis/mean_abs_logp_diff", "tis/max_ratio"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 def test_swap_judge_between_sampling_rounds_resyncs_the_policy(tmp_path, monkeypatch):

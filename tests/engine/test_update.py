@@ -26,7 +26,7 @@ def test_rollout_correction_reweights_advantages_by_truncated_ratio():
     (b,) = ub.batches
     old = torch.zeros(b.num_tokens)
     engine = [torch.tensor([0.0, -1.0]), torch.tensor([1.0])]  # per response token, original order
-    stats = apply_rollout_correction(ub, [old], engine, cap=2.0)
+    stats = apply_rollout_correction([ub], [[old]], [engine], cap=2.0)
     expected = torch.zeros(b.num_tokens)
     scattered = b.scatter_responses(engine, fill=0.0)
     w = torch.exp(old - scattered).clamp(max=2.0)

@@ -7,7 +7,6 @@ output; exceptions raised by the function propagate (they are bugs in code, not 
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -16,17 +15,14 @@ from wz_engine.judge.base import PairwiseRequest, Verdict
 
 def load_callable(path: str) -> Callable:
     """Import `pkg.module:attr` (dotted attributes allowed after the colon)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
+    from wz_engine.algorithms.registry import RegistryError, load_object
+
+    if ":" not in path:
         raise ValueError(f"judge: expected 'pkg.module:function', got {path!r}")
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"judge: cannot import module {module_name!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"judge: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+        obj = load_object(path)
+    except RegistryError as e:
+        raise ValueError(f"judge: {e}") from e.__cause__
     if not callable(obj):
         raise ValueError(f"judge: {path!r} is not callable")
     return obj

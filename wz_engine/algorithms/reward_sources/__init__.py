@@ -1,0 +1,1 @@
+"""Built-in reward sources (`judge.kind`): every module here is imported by the registry and registers its own."""
