@@ -68,7 +68,7 @@ def test_config_list_prints_every_field_with_default_and_docstring(capsys):
     lines = [line for line in out.splitlines() if line and not line.startswith((" ", "["))]
     assert [line.split(" = ")[0] for line in lines] != [] and len(lines) == len(keys)
     assert {line.split(" = ")[0] for line in lines} == set(keys)
-    assert f"train.steps = {TrainConfig().steps}  (int)\n    Optimizer steps (one rollout batch each)." in out
+    assert f"train.steps = {TrainConfig().steps}  (int)\n    Rollout steps (each: one rollout batch," in out
     assert 'optim.schedule = "constant"  ("constant" | "cosine" | "linear")' in out
     assert "data.system_prompt = unset  (str | None)" in out
     assert "judge.genrm.weight_sharing = \"self\"" in out and "rollout.vllm.gpu_memory_utilization = 0.4" in out
