@@ -74,8 +74,8 @@ def test_config_list_prints_every_field_with_default_and_docstring(capsys):
     assert "judge.genrm.weight_sharing = \"self\"" in out and "rollout.vllm.gpu_memory_utilization = 0.4" in out
     # a docstring that spans several source lines comes out whole (rewrapped, words intact)
     assert ("algorithm.recompute_old_logprobs = false (bool) Run the separate old-logprob pass even on-policy. "
-            "The trainer takes one optimizer step per rollout batch, so by default it skips that pass (old = the "
-            "current log-probs: ratio 1, no clipping, one vocabulary pass fewer).") in " ".join(out.split())
+            "With one optimizer step per rollout batch the trainer skips that pass by default (old = the current "
+            "log-probs: ratio 1, no clipping, one vocabulary pass fewer).") in " ".join(out.split())
 
 
 def test_every_config_field_has_a_docstring():
