@@ -33,14 +33,17 @@ def main(argv=None) -> int:
     p.add_argument("name", help="benchmark name (bench/bench_<name>.py), 'list' or 'audit'")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if present")
     p.add_argument("--size", default="full", choices=SIZES,
-                   help="quick: smoke shapes; headline: the one shape per op the targets name; full: every table")
+                   help="quick: smoke shapes; headline: the one shape per op the targets name; "
+                        "full: every table")
     p.add_argument("--quick", action="store_true", help="same as --size quick")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--no-plot", action="store_true", help="no PNG")
     p.add_argument("--compile-budget", type=float, default=DEFAULT_COMPILE_BUDGET_S, metavar="SECONDS",
                    help="a peer whose first call (torch.compile, block masks) takes longer is skipped "
                         "(0: no budget); default %(default)s")
-    p.add_argument("--out-dir", type=Path, default=None, help="where the CSV / PNG go (default bench/results)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the CSV / PNG go (default bench/results)")
     p.add_argument("--summary", type=Path, default=None, metavar="FILE",
                    help=f"append the one-line summary (cases, ours' check, {RATIO} per peer) to FILE")
     args = p.parse_args(argv)
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
     status = 0
     try:
         run_cases(args.name, mod.cases(device, size), device, reps=args.reps, memory=not args.no_memory,
-                  out_dir=args.out_dir, compile_budget_s=args.compile_budget or None, summary_file=args.summary)
+                  out_dir=args.out_dir, plot=not args.no_plot, compile_budget_s=args.compile_budget or None,
+                  summary_file=args.summary)
     except BenchmarkFailed as e:
         print(f"FAILED {e}", file=sys.stderr)
         status = 1

@@ -112,7 +112,7 @@ def check(rewards: torch.Tensor, group_ids: torch.Tensor, device: str) -> Check:
 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
-_SMALL = dict(num_rows=1024, group_size=16, device="cpu")
+_SMALL = {"num_rows": 1024, "group_size": 16, "device": "cpu"}
 
 
 def test_ours(benchmark):

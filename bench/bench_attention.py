@@ -28,12 +28,13 @@ the whole mix, best-fit-decreasing bins against padding every micro-batch to its
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import wz_kernels
 
+import wz_kernels
 from bench.checks import REL_TOL, Check, compare, run_check
 from bench.harness import Case, Skipped, optional_peer
 from wz_engine.packing import pack_sequences, packing_efficiency, plan_bins
@@ -92,7 +93,7 @@ def sdpa_per_sequence(q, k, v, cu) -> torch.Tensor:
     return torch.cat([
         F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
                                        is_causal=True, enable_gqa=True).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:])
+        for s, e in itertools.pairwise(bounds)
     ])
 
 
@@ -178,7 +179,8 @@ def _flex_peer(lengths, q, k, v, backward):
         if not state:
             setup()
         qf, kf, vf = state["qkv"]
-        _run(lambda: state["flex"](qf, kf, vf, block_mask=state["mask"], enable_gqa=True), (qf, kf, vf), backward)
+        _run(lambda: state["flex"](qf, kf, vf, block_mask=state["mask"], enable_gqa=True), (qf, kf, vf),
+             backward)
     return run
 
 
@@ -195,9 +197,9 @@ def packing_case(budget: int, num_seqs: int = 1024, lo: int = 64, hi: int = 4096
     lengths = rl_lengths(num_seqs, lo, hi, seed=1)
     seqs = [torch.zeros(n, dtype=torch.long) for n in lengths]
     bins = pack_sequences(seqs, budget)
-    extra = dict(tokens=sum(lengths), sequences=num_seqs, bins=len(bins),
-                 packed_efficiency=round(packing_efficiency(bins, budget), 4),
-                 padded_efficiency=round(padded_efficiency(lengths, budget, hi), 4))
+    extra = {"tokens": sum(lengths), "sequences": num_seqs, "bins": len(bins),
+             "packed_efficiency": round(packing_efficiency(bins, budget), 4),
+             "padded_efficiency": round(padded_efficiency(lengths, budget, hi), 4)}
     return Case(f"packing {num_seqs} seqs T={budget}", {"pack_sequences (BFD)": lambda: pack_sequences(seqs, budget),
                                                         "plan_bins only": lambda: plan_bins(lengths, budget)},
                 extra=extra)
@@ -218,15 +220,16 @@ def cases(device: str, size: str):
     for budget in budgets:
         lengths = packed_bin_lengths(budget, lo, hi)
         fwd = causal_fwd_flops(lengths, d, hq)
-        extra = dict(tokens=sum(lengths), sequences=len(lengths),
-                     padding_avoided=round(1 - sum(lengths) / (len(lengths) * max(lengths)), 3))
+        extra = {"tokens": sum(lengths), "sequences": len(lengths),
+                 "padding_avoided": round(1 - sum(lengths) / (len(lengths) * max(lengths)), 3)}
         for backward in passes:
             q, k, v, cu = make_inputs(lengths, hq, hkv, d, dtype, device, requires_grad=backward)
             label = f"T={budget} B={len(lengths)} {'fwd+bwd' if backward else 'fwd'}"
-            yield Case(label, providers(lengths, q, k, v, cu, device, backward), check=check(q, k, v, cu, backward),
+            yield Case(label, providers(lengths, q, k, v, cu, device, backward),
+                       check=check(q, k, v, cu, backward),
                        flops=fwd * (3.5 if backward else 1.0), extra=extra)
     if size != "headline":
-        yield from (packing_case(budget) for budget in ((16384,) if size == "quick" else (16384, 32768, 65536)))
+        yield from (packing_case(b) for b in ((16384,) if size == "quick" else (16384, 32768, 65536)))
 
 
 def attention_outputs(kind: str, q, k, v, cu, grad_out) -> dict[str, torch.Tensor]:
@@ -255,7 +258,8 @@ def check(q, k, v, cu, backward: bool) -> Check:
 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
-_SMALL = dict(lengths=[37, 120, 9, 250, 64], q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32, device="cpu")
+_SMALL = {"lengths": [37, 120, 9, 250, 64], "q_heads": 4, "kv_heads": 1, "head_dim": 64,
+          "dtype": torch.float32, "device": "cpu"}
 
 
 def test_ours_fwd_bwd(benchmark):

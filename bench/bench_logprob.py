@@ -46,12 +46,12 @@ def make_inputs(N, H, V, dtype, device, seed=0):
 
 def loss_inputs(N, device, n_seqs=8, seed=1):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return dict(
-        old_logprobs=(-5.0 + 0.3 * torch.randn(N, generator=g)).to(device),
-        ref_logprobs=(-5.0 + 0.3 * torch.randn(N, generator=g)).to(device),
-        advantages=torch.randn(n_seqs, generator=g).repeat_interleave(N // n_seqs).to(device),
-        mask=torch.ones(N, dtype=torch.bool, device=device),
-    )
+    return {
+        "old_logprobs": (-5.0 + 0.3 * torch.randn(N, generator=g)).to(device),
+        "ref_logprobs": (-5.0 + 0.3 * torch.randn(N, generator=g)).to(device),
+        "advantages": torch.randn(n_seqs, generator=g).repeat_interleave(N // n_seqs).to(device),
+        "mask": torch.ones(N, dtype=torch.bool, device=device),
+    }
 
 
 # ------------------------------------------------------------------------------- log-prob providers
@@ -126,7 +126,7 @@ def _run(fn, hidden, weight, targets, *, backward: bool):
 
 # ------------------------------------------------------------------------------- policy-loss providers
 
-LOSS_OPTS = dict(clip_low=0.2, clip_high=0.2, kl_coef=0.04, kl_estimator="k3", agg="token-mean")
+LOSS_OPTS = {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.04, "kl_estimator": "k3", "agg": "token-mean"}
 
 
 def _loss_runner(kind, hidden, weight, targets, extra, n_seqs):
@@ -228,32 +228,35 @@ def cases(device: str, size: str):
     of the target shape N=16384 H=4096 V=151936 bf16 only). Inputs are built when a shape's turn comes."""
     providers = _peers(device)
     for N, H, V, dtype in shapes(device, size):
-        hidden, weight, targets = make_inputs(N, H, V, dtype, device)
-        tag = f"N={N} H={H} V={V} {str(dtype).removeprefix('torch.')}"
-        nhv = N * H * V
+        yield from _shape_cases(make_inputs(N, H, V, dtype, device), providers, device, size)
 
-        def check(backward: bool) -> Check:
-            return Check(lambda: logprob_outputs("ours", hidden, weight, targets, backward),
-                         lambda: logprob_outputs("reference", hidden, weight, targets, backward), dtype=dtype)
 
-        if size != "headline":
-            yield Case(f"logprobs fwd {tag}", {k: _run(f, hidden, weight, targets, backward=False)
-                                               for k, f in providers.items()},
-                       check=check(False), flops=2 * nhv)
-        yield Case(f"logprobs fwd+bwd {tag}", {k: _run(f, hidden, weight, targets, backward=True)
-                                               for k, f in providers.items()},
-                   check=check(True), flops=6 * nhv)
-        if size == "headline":
-            continue
-        n_seqs = 8
-        extra = loss_inputs(N, device, n_seqs)
-        loss_providers = {k: _loss_runner(k, hidden, weight, targets, extra, n_seqs)
-                          for k in ("ours", "naive", "compile", "liger")}
-        loss_providers["liger"] = optional_peer("liger_kernel", "liger-kernel", loss_providers["liger"])
-        yield Case(f"policy-loss fwd+bwd {tag}", loss_providers,
-                   check=Check(lambda: policy_loss_outputs("ours", hidden, weight, targets, extra),
-                               lambda: policy_loss_outputs("reference", hidden, weight, targets, extra), dtype=dtype),
-                   flops=6 * nhv)
+def _shape_cases(inputs, providers: dict, device: str, size: str):
+    hidden, weight, targets = inputs
+    (N, H), V, dtype = hidden.shape, weight.shape[0], hidden.dtype
+    tag = f"N={N} H={H} V={V} {str(dtype).removeprefix('torch.')}"
+    nhv = N * H * V
+
+    def check(backward: bool) -> Check:
+        return Check(lambda: logprob_outputs("ours", hidden, weight, targets, backward),
+                     lambda: logprob_outputs("reference", hidden, weight, targets, backward), dtype=dtype)
+
+    for backward in (False, True) if size != "headline" else (True,):
+        yield Case(f"logprobs {'fwd+bwd' if backward else 'fwd'} {tag}",
+                   {k: _run(f, hidden, weight, targets, backward=backward) for k, f in providers.items()},
+                   check=check(backward), flops=(6 if backward else 2) * nhv)
+    if size == "headline":
+        return
+    n_seqs = 8
+    extra = loss_inputs(N, device, n_seqs)
+    loss_providers = {k: _loss_runner(k, hidden, weight, targets, extra, n_seqs)
+                      for k in ("ours", "naive", "compile", "liger")}
+    loss_providers["liger"] = optional_peer("liger_kernel", "liger-kernel", loss_providers["liger"])
+    yield Case(f"policy-loss fwd+bwd {tag}", loss_providers,
+               check=Check(lambda: policy_loss_outputs("ours", hidden, weight, targets, extra),
+                           lambda: policy_loss_outputs("reference", hidden, weight, targets, extra),
+                           dtype=dtype),
+               flops=6 * nhv)
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark

@@ -42,7 +42,7 @@ def make_inputs(num_tokens: int, device: str, seed: int = 0, mean_seq_len: int =
     seq_ids = torch.sort(torch.randint(0, num_seqs, (num_tokens,), generator=gen)).values
     adv = torch.randn(num_seqs, generator=gen)[seq_ids]
     mask = torch.rand(num_tokens, generator=gen) > 0.2
-    t = dict(logp=logp, old=old, ref=ref, adv=adv, mask=mask, seq_ids=seq_ids)
+    t = {"logp": logp, "old": old, "ref": ref, "adv": adv, "mask": mask, "seq_ids": seq_ids}
     return {k: v.to(device) for k, v in t.items()}
 
 
@@ -128,7 +128,8 @@ CHECKED_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean")
 def reference(logp, old, ref, adv, mask, seq_ids, agg: str):
     """The library's specification in float64."""
     return policy_loss_reference(logp, old, adv, mask, ref_logprobs=ref, seq_ids=seq_ids, clip_low=CLIP_LOW,
-                                 clip_high=CLIP_HIGH, kl_coef=KL_COEF, kl_estimator="k3", agg=agg, upcast=True)
+                                 clip_high=CLIP_HIGH, kl_coef=KL_COEF, kl_estimator="k3", agg=agg,
+                                 upcast=True)
 
 
 def loss_grad_metrics(fn, t, agg) -> dict[str, torch.Tensor]:
@@ -141,7 +142,7 @@ def loss_grad_metrics(fn, t, agg) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
-_SMALL = dict(num_tokens=4096, device="cpu")
+_SMALL = {"num_tokens": 4096, "device": "cpu"}
 
 
 def test_ours(benchmark):
@@ -154,5 +155,5 @@ def test_torch_eager(benchmark):
     """The eager formula is the same loss, gradient and metrics (the table compares like with like)."""
     t = make_inputs(**_SMALL)
     benchmark(fwd_bwd, policy_loss_torch_eager, t, "token-mean")
-    compare(loss_grad_metrics(policy_loss_torch_eager, t, "token-mean"), loss_grad_metrics(reference, t, "token-mean"),
-            REL_TOL[torch.float32])
+    compare(loss_grad_metrics(policy_loss_torch_eager, t, "token-mean"),
+            loss_grad_metrics(reference, t, "token-mean"), REL_TOL[torch.float32])

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from bench.checks import Check, run_check
 from bench.harness import Case
-from wz_engine.sync import ModuleWeightSource, WeightSyncer
+from wz_engine.sync import ModuleWeightSource, WeightSyncer, hf_param_name
 
 
 def transformer_like(layers: int, hidden: int, vocab: int, device: str) -> torch.nn.Module:
@@ -70,23 +71,44 @@ def _providers(model: torch.nn.Module, device: str, bucket_bytes: int):
     }
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def synced(model: torch.nn.Module, device: str, bucket_bytes: int) -> dict[str, torch.Tensor]:
+    """What the engine's loader receives from one `syncer` sync: engine name -> a copy of its tensor."""
+    received = {}
+    WeightSyncer(bucket_bytes, device).sync(ModuleWeightSource(model, torch.bfloat16),
+                                            lambda pairs: received.update((n, t.clone()) for n, t in pairs))
+    return received
+
+
+def expected(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter under its engine name, cast to bf16 (a cast is exact: the check wants equality)."""
+    return {hf_param_name(n): p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+
+
+def cases(device: str, size: str) -> list[Case]:
     out = []
-    for layers, hidden, vocab in _shapes(quick):
+    for layers, hidden, vocab in _shapes(size == "quick"):
         torch.manual_seed(0)
         model = transformer_like(layers, hidden, vocab, device)
         numel = sum(p.numel() for p in model.parameters())
-        bucket = 16 * 2**20 if not quick else 2**20
+        bucket = 16 * 2**20 if size != "quick" else 2**20
+        check = Check(lambda model=model, bucket=bucket: synced(model, device, bucket),
+                      lambda model=model: expected(model), dtype=torch.bfloat16, rel_tol=0.0)
         out.append(Case(f"{numel / 1e6:.1f}M params, bucket {bucket >> 20} MiB", _providers(model, device, bucket),
-                        bytes_moved=numel * (4 + 2), extra={"params_M": round(numel / 1e6, 2)}))
+                        check=check, ours="syncer", bytes_moved=numel * (4 + 2),
+                        extra={"params_M": round(numel / 1e6, 2)}))
     return out
 
 
 def test_weight_sync_syncer(benchmark):
-    (case,) = cases("cpu", quick=True)
+    (case,) = cases("cpu", "quick")
     benchmark(case.providers["syncer"])
+    assert run_check(case.check) == 0.0  # every parameter arrives, bit for bit, under its engine name
 
 
 def test_weight_sync_per_param(benchmark):
-    (case,) = cases("cpu", quick=True)
+    """The per-parameter peer moves the same bytes: the sum of its casts is the syncer's payload."""
+    (case,) = cases("cpu", "quick")
     benchmark(case.providers["per_param"])
+    model = transformer_like(*_shapes(True)[0], "cpu")
+    received = synced(model, "cpu", 2**20)
+    assert sum(p.numel() * 2 for p in model.parameters()) == sum(t.nbytes for t in received.values())

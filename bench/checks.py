@@ -12,12 +12,12 @@ the other way round) is an infinite error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
-Outputs = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+Outputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 # Norm-wise relative error allowed by the precision ours computes in. A wrong kernel (a dropped mask, a
 # missing scale, a sign) gives errors of order 0.1-1; rounding gives: float32 far under 1e-3 (TF32 dots
@@ -60,8 +60,8 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     where the reference has a number, inf vs -inf, ...); ||ours - ref|| when the reference is all zero."""
     if ours.shape != ref.shape:
         raise CheckFailed(f"shape {tuple(ours.shape)} != reference shape {tuple(ref.shape)}")
-    a = ours.detach().to("cpu", torch.float64)
-    b = ref.detach().to("cpu", torch.float64)
+    a = ours.detach().to(torch.float64)  # on ours' device: a whole model's gradient is large
+    b = ref.detach().to(a.device, torch.float64)
     fin_a, fin_b = torch.isfinite(a), torch.isfinite(b)
     if not torch.equal(fin_a, fin_b):
         return math.inf

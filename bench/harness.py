@@ -18,9 +18,9 @@ from __future__ import annotations
 import gc
 import importlib.util
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
@@ -94,7 +94,7 @@ def run_cases(name: str, cases: Iterable[Case], device: str, *, reps: int = 10, 
             case = next(pending)
         except StopIteration:
             break
-        except Exception as e:  # building a case runs our code too (models, packing): a failure, not a crash
+        except Exception as e:  # noqa: BLE001 (building a case runs our code too: a failure, not a crash)
             failures.append(f"building case #{built + 1} raised {type(e).__name__}: {e}")
             break
         built += 1
@@ -104,7 +104,7 @@ def run_cases(name: str, cases: Iterable[Case], device: str, *, reps: int = 10, 
         failures += case_failures
         write_csv(rows, out_dir / f"{stem}.csv")
         del case
-        _free(device)
+        _free(device, always=True)
     print(format_table(rows))
     if rows:
         print(f"wrote {out_dir / (stem + '.csv')}")
@@ -133,7 +133,9 @@ def _run_case(name: str, case: Case, device: str, *, reps: int, memory: bool,
         except CheckFailed as e:
             check_failure = str(e)
         _free(device)
-    failures = [f"{case.label!r}: ours disagrees with its reference: {check_failure}"] if check_failure else []
+    failures = []
+    if check_failure:
+        failures.append(f"{case.label!r}: ours disagrees with its reference: {check_failure}")
 
     rows = []
     for provider, fn in case.providers.items():
@@ -150,7 +152,7 @@ def _run_case(name: str, case: Case, device: str, *, reps: int, memory: bool,
                                     budget=None if ours else compile_budget_s))
             except OverBudget:
                 row["status"] = f"skipped: compile over budget (first call > {compile_budget_s:g} s)"
-            except Exception as e:  # reported in the row; fatal only for ours (below)
+            except Exception as e:  # noqa: BLE001 (reported in the row; fatal only for ours, below)
                 message = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
                 row["status"] = ("FAILED: " if ours else "error: ") + message
                 if ours:
@@ -183,10 +185,14 @@ def _measure(fn: Callable[[], object], device: str, case: Case, *, reps: int, me
     return out
 
 
-def _free(device: str) -> None:
-    gc.collect()
+def _free(device: str, *, always: bool = False) -> None:
+    """Collect garbage (cycles can hold big tensors) and return cached CUDA blocks: between providers
+    on CUDA, so each one's peak memory starts from the same place; on CPU only between cases (slow)."""
     if device.startswith("cuda"):
+        gc.collect()
         torch.cuda.empty_cache()
+    elif always:
+        gc.collect()
 
 
 def default_device() -> str:

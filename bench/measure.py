@@ -8,7 +8,7 @@ import signal
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -78,7 +78,10 @@ def summary_line(name: str, device: str, rows: list[dict], failures: list[str]) 
     errors = sorted({r["provider"] for r in rows if str(r.get("status", "")).startswith("error")})
     if errors:
         parts.append("peer errors: " + ", ".join(errors))
-    parts.append(f"FAILED: {'; '.join(failures)}" if failures else "ours OK")
+    if failures:
+        parts.append(f"FAILED: {'; '.join(failures)}")
+    else:
+        parts.append("ours OK" if errs else "ours not run")
     return " | ".join(parts)
 
 
