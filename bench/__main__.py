@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     except BenchmarkFailed as e:
         print(f"FAILED {e}", file=sys.stderr)
         status = 1
+    except KeyboardInterrupt:  # bench/gpu_all.sh's timeouts send SIGINT
+        print(f"{args.name}: interrupted; the CSV holds every provider that finished", file=sys.stderr)
+        status = 130
     return status
 
 

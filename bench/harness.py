@@ -7,8 +7,8 @@ here. For every case `run_cases`:
   1. runs the case's `Check` (ours against its reference on the case's own inputs) before timing;
   2. calls each provider once (compile, lazy setup; peers under a time budget), then measures its peak
      memory (one call) and its median time;
-  3. adds `time / ours` (this row's time over ours', > 1: ours is faster), prints the rows, and
-     rewrites the CSV, so a run cut short keeps every case that finished.
+  3. rewrites the CSV after every provider (so a run cut short keeps everything that finished) and, at
+     the end of the case, adds `time / ours` (this row's time over ours', > 1: ours is faster).
 Ours crashing or disagreeing with its reference fails the benchmark (`BenchmarkFailed`, after every
 case has run and the CSV / PNG are written); a peer crashing is a row with status "error: ...".
 """
@@ -98,11 +98,8 @@ def run_cases(name: str, cases: Iterable[Case], device: str, *, reps: int = 10, 
             failures.append(f"building case #{built + 1} raised {type(e).__name__}: {e}")
             break
         built += 1
-        case_rows, case_failures = _run_case(name, case, device, reps=reps, memory=memory,
-                                             compile_budget_s=compile_budget_s)
-        rows += case_rows
-        failures += case_failures
-        write_csv(rows, out_dir / f"{stem}.csv")
+        failures += _run_case(name, case, device, rows, lambda: write_csv(rows, out_dir / f"{stem}.csv"),
+                              reps=reps, memory=memory, compile_budget_s=compile_budget_s)
         del case
         _free(device, always=True)
     print(format_table(rows))
@@ -121,8 +118,10 @@ def run_cases(name: str, cases: Iterable[Case], device: str, *, reps: int = 10, 
     return rows
 
 
-def _run_case(name: str, case: Case, device: str, *, reps: int, memory: bool,
-              compile_budget_s: float | None) -> tuple[list[dict], list[str]]:
+def _run_case(name: str, case: Case, device: str, rows: list[dict], flush: Callable[[], None], *, reps: int,
+              memory: bool, compile_budget_s: float | None) -> list[str]:
+    """Check ours, then measure each provider, appending a row to `rows` and calling `flush` (which
+    rewrites the CSV) after each one. Returns the failures of ours, one line each naming the case."""
     has_ours = any(case.is_ours(p) for p, fn in case.providers.items() if not isinstance(fn, Skipped))
     if has_ours and case.check is None:
         raise ValueError(f"{name}: case {case.label!r} has an {case.ours!r} provider but no Check")
@@ -132,12 +131,14 @@ def _run_case(name: str, case: Case, device: str, *, reps: int, memory: bool,
             check_err = run_check(case.check)
         except CheckFailed as e:
             check_failure = str(e)
+        print(f"  [{name}] {case.label} | check of {case.ours!r}: "
+              + (f"FAILED: {check_failure}" if check_failure else f"rel err {check_err:.3g}"), flush=True)
         _free(device)
     failures = []
     if check_failure:
         failures.append(f"{case.label!r}: ours disagrees with its reference: {check_failure}")
 
-    rows = []
+    first = len(rows)
     for provider, fn in case.providers.items():
         row = {"bench": name, "device": device, "case": case.label, "provider": provider,
                "ms": math.nan, "peak_mb": math.nan}
@@ -161,14 +162,17 @@ def _run_case(name: str, case: Case, device: str, *, reps: int, memory: bool,
             row["check_rel_err"] = check_err
         row.update(case.extra)
         rows.append(row)
+        flush()
         print(f"  [{name}] {case.label} | {provider}: {row['status']}"
               + (f", {row['ms']:.4g} ms" if not math.isnan(row["ms"]) else ""), flush=True)
         _free(device)
 
-    ours_ms = next((r["ms"] for r in rows if r["provider"] == case.ours), math.nan)
-    for r in rows:
+    case_rows = rows[first:]
+    ours_ms = next((r["ms"] for r in case_rows if r["provider"] == case.ours), math.nan)
+    for r in case_rows:
         r[RATIO] = r["ms"] / ours_ms if ours_ms > 0 else math.nan
-    return rows, failures
+    flush()
+    return failures
 
 
 def _measure(fn: Callable[[], object], device: str, case: Case, *, reps: int, memory: bool,

@@ -176,3 +176,18 @@ def test_relative_error_is_nan_aware():
     with pytest.raises(CheckFailed, match=r"d weight: rel err"):
         compare({"out": torch.ones(2), "d weight": torch.ones(2)},
                 {"out": torch.ones(2), "d weight": torch.zeros(2)}, 1e-3)
+
+
+def test_interrupt_keeps_the_finished_rows(tmp_path, monkeypatch):
+    """bench/gpu_all.sh stops a benchmark at its limit with SIGINT: exit 130, the CSV has what finished."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    module = types.ModuleType("bench.bench_tiny")
+    module.cases = lambda device, size: [_softmax_case(peers={"slow peer": interrupted})]
+    monkeypatch.setitem(sys.modules, "bench.bench_tiny", module)
+    monkeypatch.setattr(bench_main, "available", lambda: ["tiny"])
+    rc = bench_main.main(["tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--out-dir", str(tmp_path)])
+    assert rc == 130
+    finished = [(r["provider"], r["status"]) for r in _rows(tmp_path / "tiny_cpu.csv")]
+    assert finished == [("ours", "ok"), ("torch", "ok")]
