@@ -145,13 +145,18 @@ def test_ours_without_a_check_is_refused(tmp_path):
         run_cases("tiny", [Case("N=1", {"ours": lambda: None})], "cpu", out_dir=tmp_path, plot=False)
 
 
+def _register_tiny_benchmark(monkeypatch, case: Case) -> None:
+    """Make `python -m bench tiny` run [case], as if bench/bench_tiny.py defined it."""
+    module = types.ModuleType("bench.bench_tiny")
+    module.cases = lambda device, size: [case]
+    monkeypatch.setitem(sys.modules, "bench.bench_tiny", module)
+    monkeypatch.setattr(bench_main, "available", lambda: ["tiny"])
+
+
 @pytest.mark.parametrize(("perturbation", "crashes", "expected_rc"),
                          [(0.0, False, 0), (0.05, False, 1), (0.0, True, 1)])
 def test_python_m_bench_exit_status(tmp_path, monkeypatch, capsys, perturbation, crashes, expected_rc):
-    module = types.ModuleType("bench.bench_tiny")
-    module.cases = lambda device, size: [_softmax_case(ours_perturbation=perturbation, ours_crashes=crashes)]
-    monkeypatch.setitem(sys.modules, "bench.bench_tiny", module)
-    monkeypatch.setattr(bench_main, "available", lambda: ["tiny"])
+    _register_tiny_benchmark(monkeypatch, _softmax_case(ours_perturbation=perturbation, ours_crashes=crashes))
     summary = tmp_path / "summary.txt"
     rc = bench_main.main(["tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--no-plot",
                           "--out-dir", str(tmp_path), "--summary", str(summary)])
@@ -183,11 +188,9 @@ def test_interrupt_keeps_the_finished_rows(tmp_path, monkeypatch):
     def interrupted():
         raise KeyboardInterrupt
 
-    module = types.ModuleType("bench.bench_tiny")
-    module.cases = lambda device, size: [_softmax_case(peers={"slow peer": interrupted})]
-    monkeypatch.setitem(sys.modules, "bench.bench_tiny", module)
-    monkeypatch.setattr(bench_main, "available", lambda: ["tiny"])
-    rc = bench_main.main(["tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--out-dir", str(tmp_path)])
+    _register_tiny_benchmark(monkeypatch, _softmax_case(peers={"slow peer": interrupted}))
+    rc = bench_main.main(["tiny", "--device", "cpu", "--reps", "2", "--no-memory", "--out-dir",
+                          str(tmp_path)])
     assert rc == 130
     finished = [(r["provider"], r["status"]) for r in _rows(tmp_path / "tiny_cpu.csv")]
     assert finished == [("ours", "ok"), ("torch", "ok")]
