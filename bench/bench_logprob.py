@@ -237,9 +237,14 @@ def _shape_cases(inputs, providers: dict, device: str, size: str):
     tag = f"N={N} H={H} V={V} {str(dtype).removeprefix('torch.')}"
     nhv = N * H * V
 
+    # bf16: d weight is accumulated across the k token chunks in bf16 by default (<= 100 MB extra), which
+    # RESULTS.md measures at ~1.2e-2 RMS relative error for k = 64 (k ~ 60 at the target shape)
+    rel_tol = 5e-2 if dtype == torch.bfloat16 else None
+
     def check(backward: bool) -> Check:
         return Check(lambda: logprob_outputs("ours", hidden, weight, targets, backward),
-                     lambda: logprob_outputs("reference", hidden, weight, targets, backward), dtype=dtype)
+                     lambda: logprob_outputs("reference", hidden, weight, targets, backward), dtype=dtype,
+                     rel_tol=rel_tol)
 
     for backward in (False, True) if size != "headline" else (True,):
         yield Case(f"logprobs {'fwd+bwd' if backward else 'fwd'} {tag}",
@@ -255,7 +260,7 @@ def _shape_cases(inputs, providers: dict, device: str, size: str):
     yield Case(f"policy-loss fwd+bwd {tag}", loss_providers,
                check=Check(lambda: policy_loss_outputs("ours", hidden, weight, targets, extra),
                            lambda: policy_loss_outputs("reference", hidden, weight, targets, extra),
-                           dtype=dtype),
+                           dtype=dtype, rel_tol=rel_tol),
                flops=6 * nhv)
 
 

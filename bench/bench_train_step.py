@@ -264,9 +264,11 @@ def wz_loss_and_grad(policy, rollouts: Rollouts, micro_batch_tokens: int, device
 def reference_loss_and_grad(model, rollouts: Rollouts, device: str) -> dict[str, torch.Tensor]:
     """Independent of wz's packing, attention and fused head: each rollout alone through the HF model
     (sdpa), full float32 logits, log_softmax, the on-policy clipped loss, token-mean over every response
-    token of the step (each rollout's share backpropagated on its own, so memory stays one sequence's)."""
+    token of the step (each rollout's share differentiated on its own, so memory stays one sequence's, and
+    the shares' gradients summed in float32)."""
     model.set_attn_implementation("sdpa")
-    model.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    grad = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)  # [all params]
     total = float(rollouts.response_tokens)
     loss = torch.zeros((), dtype=torch.float64)
     advantages = rollouts.advantages.tolist()
@@ -277,9 +279,9 @@ def reference_loss_and_grad(model, rollouts: Rollouts, device: str) -> dict[str,
         logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(response, device=device)[:, None])[:, 0]
         ratio = torch.exp(logp - logp.detach())
         share = -torch.min(ratio * adv, torch.clamp(ratio, 1 - CLIP_EPS, 1 + CLIP_EPS) * adv).sum() / total
-        share.backward()
+        grad += torch.cat([g.reshape(-1) for g in torch.autograd.grad(share, params)]).float()
         loss += share.detach().double().cpu()
-    return {"loss": loss, "grad": _flat_grad(model)}
+    return {"loss": loss, "grad": grad}
 
 
 def tokens_per_second(rows: list[dict]) -> dict[tuple[str, str], float]:
