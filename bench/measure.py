@@ -13,8 +13,11 @@ from collections.abc import Callable
 import torch
 
 
-class OverBudget(Exception):
-    """A provider's first call (compile, block masks, lazy setup) ran past its time budget."""
+class OverBudget(BaseException):
+    """A provider's first call (compile, block masks, lazy setup) ran past its time budget.
+
+    A BaseException, like KeyboardInterrupt: library code that catches Exception broadly (compilers
+    falling back on errors) must not swallow it."""
 
 
 @contextlib.contextmanager
