@@ -18,7 +18,9 @@ from collections import defaultdict
 import torch
 
 import wz_kernels
+from bench.checks import REL_TOL, Check, compare, run_check
 from bench.harness import Case
+from wz_kernels.advantage import group_advantages_reference
 
 EPS = 1e-6
 
@@ -77,8 +79,9 @@ def grpo_torch_compile(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.
         return _compiled["fn"](rewards, group_ids)
 
 
-def cases(device: str, quick: bool) -> list[Case]:
-    num_rows, group_size = (1024, 16) if quick else (16384, 16)
+def cases(device: str, size: str) -> list[Case]:
+    """One case: B=16384 G=16 (the target's shape) for headline and full, B=1024 for quick."""
+    num_rows, group_size = (1024, 16) if size == "quick" else (16384, 16)
     rewards, group_ids = make_inputs(num_rows, group_size, device)
     group_advantages = wz_kernels.group_advantages  # import outside the timed / measured calls
     providers = {
@@ -90,30 +93,42 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":  # both calls are asynchronous; validate=False also skips the in-kernel check
         providers["ours (validate=False)"] = lambda: group_advantages(
             rewards, group_ids, "grpo", validate=False)
-    for run_once in providers.values():  # compile / lazy init now, so peak_mb is the steady state
-        run_once()
     # rewards + ids read once, advantages written once
     bytes_moved = num_rows * (rewards.element_size() + group_ids.element_size() + 4)
-    return [Case(f"B={num_rows} G={group_size}", providers, bytes_moved=bytes_moved)]
+    return [Case(f"B={num_rows} G={group_size}", providers, check=check(rewards, group_ids, device),
+                 bytes_moved=bytes_moved)]
+
+
+def check(rewards: torch.Tensor, group_ids: torch.Tensor, device: str) -> Check:
+    """Ours (and its validate=False call on CUDA) against the float64 reference."""
+    calls = {"advantages": {}}
+    if device == "cuda":
+        calls["advantages (validate=False)"] = {"validate": False}
+    return Check(
+        lambda: {n: wz_kernels.group_advantages(rewards, group_ids, "grpo", **kw) for n, kw in calls.items()},
+        lambda: dict.fromkeys(calls, group_advantages_reference(rewards, group_ids, "grpo", upcast=True)),
+        dtype=rewards.dtype)
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
-_SMALL = dict(num_rows=1024, group_size=16, device="cpu")
+_SMALL = {"num_rows": 1024, "group_size": 16, "device": "cpu"}
 
 
 def test_ours(benchmark):
-    rewards, group_ids = make_inputs(**_SMALL)
-    benchmark(wz_kernels.group_advantages, rewards, group_ids, "grpo")
+    (case,) = cases("cpu", "quick")
+    benchmark(case.providers["ours"])
+    assert run_check(case.check) <= case.check.tolerance
 
 
 def test_torch_eager(benchmark):
+    """The eager peer computes the same advantages (the table compares like with like)."""
     rewards, group_ids = make_inputs(**_SMALL)
-    benchmark(grpo_torch_eager, rewards, group_ids)
+    out = benchmark(grpo_torch_eager, rewards, group_ids)
+    compare(out, group_advantages_reference(rewards, group_ids, "grpo", upcast=True), REL_TOL[torch.float32])
 
 
 def test_verl_loop(benchmark):
     rewards, group_ids = make_inputs(**_SMALL)
     out = benchmark(grpo_verl_loop, rewards, group_ids)
-    expected = wz_kernels.group_advantages(rewards, group_ids, "grpo")
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    compare(out, group_advantages_reference(rewards, group_ids, "grpo", upcast=True), REL_TOL[torch.float32])

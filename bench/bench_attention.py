@@ -27,13 +27,18 @@ the whole mix, best-fit-decreasing bins against padding every micro-batch to its
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-import wz_kernels
 
-from bench.harness import Case
+import wz_kernels
+from bench.checks import REL_TOL, Check, compare, run_check
+from bench.harness import Case, Skipped, optional_peer
 from wz_engine.packing import pack_sequences, packing_efficiency, plan_bins
+from wz_kernels.attention import varlen_attention_reference
 
 
 def rl_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -82,6 +87,16 @@ def _padded(lengths, q, k, v):
     return [t.contiguous().requires_grad_(q.requires_grad) for t in (qp, kp, vp)]
 
 
+def sdpa_per_sequence(q, k, v, cu) -> torch.Tensor:
+    """One causal SDPA call per sequence (GQA through enable_gqa): [N, Hq, D]."""
+    bounds = cu.tolist()
+    return torch.cat([
+        F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                       is_causal=True, enable_gqa=True).transpose(0, 1)
+        for s, e in itertools.pairwise(bounds)
+    ])
+
+
 def providers(lengths, q, k, v, cu, device: str, backward: bool) -> dict:
     max_len = max(lengths)
     group = q.shape[1] // k.shape[1]
@@ -99,15 +114,7 @@ def providers(lengths, q, k, v, cu, device: str, backward: bool) -> dict:
 
     out["sdpa padded"] = lambda: _run(sdpa_padded, (qp, kp, vp), backward)
 
-    def sdpa_per_sequence():
-        bounds = cu.tolist()
-        return torch.cat([
-            F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                           is_causal=True, enable_gqa=True).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])
-        ])
-
-    out["sdpa per sequence"] = lambda: _run(sdpa_per_sequence, (q, k, v), backward)
+    out["sdpa per sequence"] = lambda: _run(lambda: sdpa_per_sequence(q, k, v, cu), (q, k, v), backward)
 
     if device == "cuda":
         out.update(_gpu_peers(lengths, q, k, v, cu, backward, group))
@@ -115,9 +122,46 @@ def providers(lengths, q, k, v, cu, device: str, backward: bool) -> dict:
 
 
 def _gpu_peers(lengths, q, k, v, cu, backward, group) -> dict:
-    peers = {}
     max_len = max(lengths)
+    peers = {"flex document mask": _flex_peer(lengths, q, k, v, backward)}
     try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        call = _varlen_attn_call(varlen_attn, q, k, v, cu, max_len, group, backward)
+        peers["torch varlen_attn"] = lambda: _run(call[0], call[1], backward)
+    except ImportError:
+        peers["torch varlen_attn"] = Skipped(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+
+    def flash_attn_varlen():
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+    peers["flash-attn varlen"] = optional_peer(
+        "flash_attn", "flash-attn", lambda: _run(flash_attn_varlen, (q, k, v), backward))
+    return peers
+
+
+def _varlen_attn_call(varlen_attn, q, k, v, cu, max_len, group, backward):
+    """(forward callable, tensors to differentiate) for this torch's varlen_attn signature: causality
+    through `window_size=(-1, 0)` (torch >= 2.12) or `is_causal` (2.10); K/V heads repeated to Hq
+    unless it takes `enable_gqa`."""
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+        kr, vr = k, v
+    else:
+        kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_(backward) for t in (k, v))
+    return (lambda: varlen_attn(q, kr, vr, cu, cu, max_len, max_len, **kwargs)), (q, kr, vr)
+
+
+def _flex_peer(lengths, q, k, v, backward):
+    """FlexAttention with a document-causal block mask. The block mask and the compile are built in the
+    first call, so the harness's compile budget covers both (they take long at 64k tokens)."""
+    state = {}
+
+    def setup():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
@@ -127,29 +171,17 @@ def _gpu_peers(lengths, q, k, v, cu, backward, group) -> dict:
         def document_causal(b, h, qi, ki):
             return (seq[qi] == seq[ki]) & (qi >= ki)
 
-        block_mask = create_block_mask(document_causal, None, None, n, n, device=q.device)
-        flex = torch.compile(flex_attention, dynamic=False)
-        qf, kf, vf = (t.detach().transpose(0, 1)[None].requires_grad_(backward) for t in (q, k, v))
-        peers["flex document mask"] = lambda: _run(
-            lambda: flex(qf, kf, vf, block_mask=block_mask, enable_gqa=True), (qf, kf, vf), backward)
-    except Exception as e:  # older torch: reported as a missing row
-        print(f"flex attention unavailable: {e}")
-    try:
-        from torch.nn.attention.varlen import varlen_attn
+        state["mask"] = create_block_mask(document_causal, None, None, n, n, device=q.device)
+        state["flex"] = torch.compile(flex_attention, dynamic=False)
+        state["qkv"] = [t.detach().transpose(0, 1)[None].requires_grad_(backward) for t in (q, k, v)]
 
-        kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_(backward) for t in (k, v))
-        peers["torch varlen_attn"] = lambda: _run(
-            lambda: varlen_attn(q, kr, vr, cu, cu, max_len, max_len, window_size=(-1, 0)), (q, kr, vr), backward)
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        peers["flash-attn varlen"] = lambda: _run(
-            lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True), (q, k, v), backward)
-    except ImportError:
-        pass
-    return peers
+    def run():
+        if not state:
+            setup()
+        qf, kf, vf = state["qkv"]
+        _run(lambda: state["flex"](qf, kf, vf, block_mask=state["mask"], enable_gqa=True), (qf, kf, vf),
+             backward)
+    return run
 
 
 def padded_efficiency(lengths: list[int], budget: int, hi: int) -> float:
@@ -165,53 +197,84 @@ def packing_case(budget: int, num_seqs: int = 1024, lo: int = 64, hi: int = 4096
     lengths = rl_lengths(num_seqs, lo, hi, seed=1)
     seqs = [torch.zeros(n, dtype=torch.long) for n in lengths]
     bins = pack_sequences(seqs, budget)
-    extra = dict(tokens=sum(lengths), sequences=num_seqs, bins=len(bins),
-                 packed_efficiency=round(packing_efficiency(bins, budget), 4),
-                 padded_efficiency=round(padded_efficiency(lengths, budget, hi), 4))
+    extra = {"tokens": sum(lengths), "sequences": num_seqs, "bins": len(bins),
+             "packed_efficiency": round(packing_efficiency(bins, budget), 4),
+             "padded_efficiency": round(padded_efficiency(lengths, budget, hi), 4)}
     return Case(f"packing {num_seqs} seqs T={budget}", {"pack_sequences (BFD)": lambda: pack_sequences(seqs, budget),
                                                         "plan_bins only": lambda: plan_bins(lengths, budget)},
                 extra=extra)
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str):
+    """CUDA: budgets 16k / 32k / 64k tokens, fwd and fwd+bwd (headline: 16k fwd+bwd; quick: 16k);
+    CPU: 2k (quick: 1k). Then the packing-efficiency cases."""
     if device == "cuda":
         budgets, lo, hi, hq, hkv, d, dtype = [16384, 32768, 65536], 64, 4096, 16, 4, 128, torch.bfloat16
-        if quick:
+        if size != "full":
             budgets = [16384]
     else:
         budgets, lo, hi, hq, hkv, d, dtype = [2048], 8, 512, 4, 1, 64, torch.float32
-        if quick:
+        if size == "quick":
             budgets = [1024]
-    out = []
+    passes = (True,) if size == "headline" else (False, True)
     for budget in budgets:
         lengths = packed_bin_lengths(budget, lo, hi)
         fwd = causal_fwd_flops(lengths, d, hq)
-        extra = dict(tokens=sum(lengths), sequences=len(lengths),
-                     padding_avoided=round(1 - sum(lengths) / (len(lengths) * max(lengths)), 3))
-        for backward in (False, True):
+        extra = {"tokens": sum(lengths), "sequences": len(lengths),
+                 "padding_avoided": round(1 - sum(lengths) / (len(lengths) * max(lengths)), 3)}
+        for backward in passes:
             q, k, v, cu = make_inputs(lengths, hq, hkv, d, dtype, device, requires_grad=backward)
             label = f"T={budget} B={len(lengths)} {'fwd+bwd' if backward else 'fwd'}"
-            out.append(Case(label, providers(lengths, q, k, v, cu, device, backward),
-                            flops=fwd * (3.5 if backward else 1.0), extra=extra))
-    out.extend(packing_case(budget) for budget in ((16384,) if quick else (16384, 32768, 65536)))
-    return out
+            yield Case(label, providers(lengths, q, k, v, cu, device, backward),
+                       check=check(q, k, v, cu, backward),
+                       flops=fwd * (3.5 if backward else 1.0), extra=extra)
+    if size != "headline":
+        yield from (packing_case(b) for b in ((16384,) if size == "quick" else (16384, 32768, 65536)))
+
+
+def attention_outputs(kind: str, q, k, v, cu, grad_out) -> dict[str, torch.Tensor]:
+    """out [N, Hq, D] (and dq, dk, dv for the upstream gradient `grad_out`, when given) from ours, or
+    from the library's per-sequence specification on float64 copies of the inputs."""
+    dtype = torch.float64 if kind == "reference" else q.dtype
+    leaves = [t.detach().to(dtype).requires_grad_(grad_out is not None) for t in (q, k, v)]
+    max_len = int((cu[1:] - cu[:-1]).max())
+    if kind == "reference":
+        out = varlen_attention_reference(*leaves, cu, max_len, upcast=True)
+    else:
+        out = wz_kernels.varlen_attention(*leaves, cu, max_len)
+    result = {"out": out.detach()}
+    if grad_out is not None:
+        grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+        result.update(zip(("dq", "dk", "dv"), grads))
+    return result
+
+
+def check(q, k, v, cu, backward: bool) -> Check:
+    """Ours' output (and dq, dk, dv for a random upstream gradient) against float64 on the case's inputs."""
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q) if backward else None
+    return Check(lambda: attention_outputs("ours", q, k, v, cu, grad_out),
+                 lambda: attention_outputs("reference", q, k, v, cu, grad_out), dtype=q.dtype)
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
-_SMALL = dict(lengths=[37, 120, 9, 250, 64], q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32, device="cpu")
+_SMALL = {"lengths": [37, 120, 9, 250, 64], "q_heads": 4, "kv_heads": 1, "head_dim": 64,
+          "dtype": torch.float32, "device": "cpu"}
 
 
-def test_ours_fwd(benchmark):
-    q, k, v, cu = make_inputs(**_SMALL, requires_grad=False)
-    out = benchmark(wz_kernels.varlen_attention, q, k, v, cu, 250)
-    assert out.shape == q.shape
+def test_ours_fwd_bwd(benchmark):
+    q, k, v, cu = make_inputs(**_SMALL, requires_grad=True)
+    benchmark(providers(_SMALL["lengths"], q, k, v, cu, "cpu", backward=True)["ours"])
+    assert run_check(check(q, k, v, cu, backward=True)) <= REL_TOL[torch.float32]
 
 
 def test_sdpa_per_sequence_fwd(benchmark):
+    """The per-sequence SDPA peer computes the same attention (the table compares like with like)."""
     q, k, v, cu = make_inputs(**_SMALL, requires_grad=False)
     run = providers(_SMALL["lengths"], q, k, v, cu, "cpu", backward=False)["sdpa per sequence"]
     benchmark(run)
+    out = sdpa_per_sequence(q, k, v, cu)
+    compare(out, attention_outputs("reference", q, k, v, cu, None)["out"], REL_TOL[torch.float32])
 
 
 def test_pack_sequences(benchmark):

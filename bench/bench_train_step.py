@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.harness import Case
+from bench.checks import REL_TOL, Check, compare, run_check
+from bench.harness import Case, optional_peer
 
 LR = 1e-6
 GRAD_CLIP = 1.0
@@ -68,22 +69,23 @@ CPU_TINY = ModelShape("tiny", hidden=256, layers=4, heads=4, kv_heads=2, interme
 CPU_QUICK = ModelShape("quick", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=4096, tied=False)
 
 
-def shapes(device: str, quick: bool) -> list[tuple[ModelShape, RolloutMix, torch.dtype]]:
+def shapes(device: str, size: str) -> list[tuple[ModelShape, RolloutMix, torch.dtype]]:
     if device.startswith("cuda"):
-        gpu_mix = RolloutMix(32, (128, 256), (64, 1024))
-        if quick:
+        if size == "quick":
             return [(QWEN25_05B, RolloutMix(8, (128, 256), (64, 256)), torch.bfloat16)]
-        return [(QWEN25_05B, gpu_mix, torch.bfloat16),
-                (QWEN25_15B, RolloutMix(16, (128, 256), (64, 1024)), torch.bfloat16)]
-    if quick:
+        gpu = [(QWEN25_05B, RolloutMix(32, (128, 256), (64, 1024)), torch.bfloat16),
+               (QWEN25_15B, RolloutMix(16, (128, 256), (64, 1024)), torch.bfloat16)]
+        return gpu[:1] if size == "headline" else gpu
+    if size == "quick":
         return [(CPU_QUICK, RolloutMix(3, (8, 24), (4, 40)), torch.float32)]
     return [(CPU_TINY, RolloutMix(6, (32, 96), (16, 256)), torch.float32)]
 
 
 def build_model(shape: ModelShape, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """Random-init Qwen2ForCausalLM built directly on `device` (no download), loaded with "wz_varlen"."""
-    import wz_engine.attention  # noqa: F401  (registers "wz_varlen" with transformers)
     from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import wz_engine.attention  # noqa: F401  (registers "wz_varlen" with transformers)
 
     config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
@@ -158,10 +160,10 @@ def padded_batch(rollouts: Rollouts, device: str) -> dict[str, torch.Tensor]:
         prompt_mask[i, p - len(pr):] = 1
         completion_ids[i, :len(re)] = torch.tensor(re)
         completion_mask[i, :len(re)] = 1
-    out = dict(input_ids=torch.cat([prompt_ids, completion_ids], 1),  # [B, P + C]
-               attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-               completion_ids=completion_ids, completion_mask=completion_mask,  # [B, C]
-               advantages=rollouts.advantages)  # [B]
+    out = {"input_ids": torch.cat([prompt_ids, completion_ids], 1),  # [B, P + C]
+               "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+               "completion_ids": completion_ids, "completion_mask": completion_mask,  # [B, C]
+               "advantages": rollouts.advantages}  # [B]
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -210,29 +212,76 @@ def model_flops(shape: ModelShape, rollouts: Rollouts) -> float:
     return float(dense + head + attention)
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def cases(device: str, size: str):
+    """One case per model shape (built when its turn comes); trl-way is skipped where trl is missing."""
+    for shape, mix, dtype in shapes(device, size):
+        yield _case(shape, mix, dtype, device)
+
+
+def _case(shape: ModelShape, mix: RolloutMix, dtype: torch.dtype, device: str) -> Case:
     from wz_engine.modeling import FusedHeadCausalLM
 
-    out = []
-    for shape, mix, dtype in shapes(device, quick):
-        model = build_model(shape, device, dtype)
-        policy = FusedHeadCausalLM(model)
-        # One AdamW (the trainer's defaults) for both providers: they share the model and its state.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        rollouts = make_rollouts(mix, shape.vocab)
-        # trl-way first: the table's speedup column is relative to the first provider.
-        providers = {"trl-way": trl_way_step(model, optimizer, rollouts, device),
-                     "wz": wz_step(policy, optimizer, rollouts, mix.micro_batch_tokens, device)}
-        for fn in providers.values():  # optimizer state and first-call setup before anything is measured
-            fn()
-        label = (f"{shape.name} B={mix.rollouts} P={mix.prompt_len[0]}-{mix.prompt_len[1]} "
-                 f"R={mix.response_len[0]}-{mix.response_len[1]}")
-        padded = len(rollouts.prompt_ids) * (max(map(len, rollouts.prompt_ids))
-                                             + max(map(len, rollouts.response_ids)))
-        out.append(Case(label, providers, flops=model_flops(shape, rollouts),
-                        extra={"tokens": rollouts.tokens, "response_tokens": rollouts.response_tokens,
-                               "padded_tokens": padded}))
-    return out
+    model = build_model(shape, device, dtype)
+    policy = FusedHeadCausalLM(model)
+    # One AdamW (the trainer's defaults) for both providers: they share the model and its state.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    rollouts = make_rollouts(mix, shape.vocab)
+    providers = {"trl-way": optional_peer("trl", "trl", trl_way_step(model, optimizer, rollouts, device)),
+                 "wz": wz_step(policy, optimizer, rollouts, mix.micro_batch_tokens, device)}
+    label = (f"{shape.name} B={mix.rollouts} P={mix.prompt_len[0]}-{mix.prompt_len[1]} "
+             f"R={mix.response_len[0]}-{mix.response_len[1]}")
+    padded = len(rollouts.prompt_ids) * (max(map(len, rollouts.prompt_ids))
+                                         + max(map(len, rollouts.response_ids)))
+    # bf16: two different kernel paths through a whole model's forward and backward round differently
+    # (~1e-2 of the gradient's norm); a packing or masking bug gives errors of order 1
+    check = Check(lambda: wz_loss_and_grad(policy, rollouts, mix.micro_batch_tokens, device),
+                  lambda: reference_loss_and_grad(model, rollouts, device), dtype=dtype,
+                  rel_tol=5e-2 if dtype == torch.bfloat16 else None)
+    return Case(label, providers, check=check, ours="wz", flops=model_flops(shape, rollouts),
+                extra={"tokens": rollouts.tokens, "response_tokens": rollouts.response_tokens,
+                       "padded_tokens": padded})
+
+
+# ------------------------------------------------------------------------------------------ check
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def wz_loss_and_grad(policy, rollouts: Rollouts, micro_batch_tokens: int, device: str
+                     ) -> dict[str, torch.Tensor]:
+    """The wz step's loss and gradient (every parameter, flattened), without the optimizer step."""
+    from wz_engine.update import LossOptions, accumulate_gradients, pack_for_update
+
+    policy.model.set_attn_implementation("wz_varlen")
+    ub = pack_for_update(rollouts.prompt_ids, rollouts.response_ids, rollouts.advantages,
+                         torch.ones(len(rollouts.prompt_ids), dtype=torch.bool), micro_batch_tokens, PAD_ID)
+    policy.model.zero_grad(set_to_none=True)
+    metrics = accumulate_gradients(policy, ub, None, None, device, TEMPERATURE,
+                                   LossOptions(clip_low=CLIP_EPS, clip_high=CLIP_EPS, agg="token-mean"))
+    return {"loss": torch.as_tensor(metrics["loss"], dtype=torch.float64), "grad": _flat_grad(policy.model)}
+
+
+def reference_loss_and_grad(model, rollouts: Rollouts, device: str) -> dict[str, torch.Tensor]:
+    """Independent of wz's packing, attention and fused head: each rollout alone through the HF model
+    (sdpa), full float32 logits, log_softmax, the on-policy clipped loss, token-mean over every response
+    token of the step (each rollout's share differentiated on its own, so memory stays one sequence's, and
+    the shares' gradients summed in float32)."""
+    model.set_attn_implementation("sdpa")
+    params = list(model.parameters())
+    grad = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)  # [all params]
+    total = float(rollouts.response_tokens)
+    loss = torch.zeros((), dtype=torch.float64)
+    advantages = rollouts.advantages.tolist()
+    for prompt, response, adv in zip(rollouts.prompt_ids, rollouts.response_ids, advantages):
+        ids = torch.tensor(prompt + response, device=device)[None]  # [1, P + R]
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1]  # [R, V]
+        logits = logits.float() / TEMPERATURE
+        logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(response, device=device)[:, None])[:, 0]
+        ratio = torch.exp(logp - logp.detach())
+        share = -torch.min(ratio * adv, torch.clamp(ratio, 1 - CLIP_EPS, 1 + CLIP_EPS) * adv).sum() / total
+        grad += torch.cat([g.reshape(-1) for g in torch.autograd.grad(share, params)]).float()
+        loss += share.detach().double().cpu()
+    return {"loss": loss, "grad": grad}
 
 
 def tokens_per_second(rows: list[dict]) -> dict[tuple[str, str], float]:
@@ -241,21 +290,30 @@ def tokens_per_second(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark
-def _bench(benchmark, provider: str):
-    import pytest
-
-    pytest.importorskip("trl")
-    case = cases("cpu", quick=True)[0]
-    benchmark.extra_info.update(case.extra)
-    benchmark(case.providers[provider])
-
-
 def test_train_step_wz(benchmark):
-    _bench(benchmark, "wz")
+    """wz's step runs, and its loss and gradient equal the unpacked per-rollout reference's."""
+    case = next(iter(cases("cpu", "quick")))
+    benchmark.extra_info.update(case.extra)
+    assert run_check(case.check) <= case.check.tolerance
+    benchmark(case.providers["wz"])
 
 
 def test_train_step_trl_way(benchmark):
-    _bench(benchmark, "trl-way")
+    """The trl-way peer's loss and gradient equal the same reference (the table compares like with like)."""
+    import pytest
+
+    pytest.importorskip("trl")
+    model = build_model(CPU_QUICK, "cpu", torch.float32)
+    # equal prompt lengths: left padding does not shift trl-way's position ids
+    rollouts = make_rollouts(RolloutMix(3, (12, 12), (4, 40)), CPU_QUICK.vocab)
+    model.set_attn_implementation("sdpa")
+    model.zero_grad(set_to_none=True)
+    loss = trl_way_loss(model, padded_batch(rollouts, "cpu"))
+    loss.backward()
+    compare({"loss": loss.detach(), "grad": _flat_grad(model)},
+            reference_loss_and_grad(model, rollouts, "cpu"), REL_TOL[torch.float32])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    benchmark(trl_way_step(model, optimizer, rollouts, "cpu"))
 
 
 def test_train_step_providers_agree():
@@ -281,4 +339,4 @@ def test_train_step_providers_agree():
     loss.backward()
     assert metrics["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     for (name, p), g in zip(model.named_parameters(), wz_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

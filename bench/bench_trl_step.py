@@ -12,12 +12,14 @@ Model: a random Qwen2 built from a config (CPU: H=256, 2 layers, V=32000; GPU: H
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
-from bench.harness import Case
+from bench.checks import REL_TOL, Check, compare
+from bench.harness import Case, Skipped
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,8 @@ class StepShape:
         return f"B={self.batch} T={self.completion_len} H={self.hidden} V={self.vocab}"
 
 
-def shapes(device: str, quick: bool) -> list[StepShape]:
-    if quick:
+def shapes(device: str, size: str) -> list[StepShape]:
+    if size == "quick":
         return [StepShape(vocab=4096, hidden=64, layers=1, batch=4, prompt_len=8, completion_len=32)]
     if device.startswith("cuda"):
         return [StepShape(vocab=151936, hidden=2048, layers=4, batch=16, prompt_len=128, completion_len=1024,
@@ -111,39 +113,98 @@ CASE_CONFIGS = {  # name -> (GRPOConfig overrides, off_policy, with_ref)
 }
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def missing_packages() -> list[str]:
+    """What this benchmark needs beyond the project: TRL's trainer and the datasets it takes."""
+    return [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
+
+
+def loss_and_grad(trainer, inputs) -> dict[str, torch.Tensor]:
+    """One compute_loss + backward: the loss and every parameter's gradient, flattened."""
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
+    return {"loss": loss.detach(), "grad": grad}
+
+
+def cases(device: str, size: str):
+    """Per shape, the three configurations; where trl or datasets is missing, rows that say so."""
+    missing = missing_packages()
+    if missing:
+        skipped = Skipped(" and ".join(missing) + " not installed")
+        for shape in shapes(device, size):
+            for name in CASE_CONFIGS:
+                yield Case(f"{name} {shape.label}", {"trl": skipped, "wz": skipped}, ours="wz")
+        return
     from trl import GRPOTrainer
 
     from wz_engine.integrations.trl import WZGRPOTrainer
 
-    out = []
-    for shape in shapes(device, quick):
+    for shape in shapes(device, size):
         model_dir = tempfile.mkdtemp(prefix="bench_trl_model_")
         _save_model(shape, model_dir)
         for name, (config, off_policy, with_ref) in CASE_CONFIGS.items():
             inputs = make_inputs(shape, device, off_policy=off_policy, with_ref=with_ref)
-            providers = {}
-            for provider, cls in (("trl", GRPOTrainer), ("wz", WZGRPOTrainer)):
-                fn = step_fn(make_trainer(cls, model_dir, shape, device, **config), inputs)
-                fn()  # allocate the gradient buffers before anything is measured
-                providers[provider] = fn
+            trainers = {provider: make_trainer(cls, model_dir, shape, device, **config)
+                        for provider, cls in (("trl", GRPOTrainer), ("wz", WZGRPOTrainer))}
+            # WZGRPOTrainer's contract: TRL's loss and gradients, through the fused kernels (same weights)
+            check = Check(lambda t=trainers["wz"], i=inputs: loss_and_grad(t, i),
+                          lambda t=trainers["trl"], i=inputs: loss_and_grad(t, i), dtype=shape.dtype,
+                          rel_tol=5e-2 if shape.dtype == torch.bfloat16 else None)
             tokens = int(inputs["completion_mask"].sum())
-            out.append(Case(f"{name} {shape.label}", providers, extra={"tokens": tokens}))
-    return out
+            yield Case(f"{name} {shape.label}", {p: step_fn(t, inputs) for p, t in trainers.items()},
+                       check=check, ours="wz", extra={"tokens": tokens})
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark
-def _bench(benchmark, provider: str):
+def _quick_trainers(config: str):
+    """(trainers by provider, inputs) of the quick CPU shape in one configuration."""
     import pytest
 
     pytest.importorskip("trl")
-    case = cases("cpu", quick=True)[1]  # off-policy: the single-pass fused loss
-    benchmark(case.providers[provider])
+    pytest.importorskip("datasets")
+    from trl import GRPOTrainer
+
+    from wz_engine.integrations.trl import WZGRPOTrainer
+
+    (shape,) = shapes("cpu", "quick")
+    model_dir = tempfile.mkdtemp(prefix="bench_trl_model_")
+    _save_model(shape, model_dir)
+    overrides, off_policy, with_ref = CASE_CONFIGS[config]
+    trainers = {p: make_trainer(cls, model_dir, shape, "cpu", **overrides)
+                for p, cls in (("trl", GRPOTrainer), ("wz", WZGRPOTrainer))}
+    return trainers, make_inputs(shape, "cpu", off_policy=off_policy, with_ref=with_ref)
+
+
+def dapo_loss_reference(model, inputs, clip: float = 0.2) -> torch.Tensor:
+    """The off-policy "dapo" loss from its definition, in plain torch (independent of TRL and wz):
+    full logits, log_softmax, clipped ratio against the old log-probs, sum over completion tokens /
+    num_items_in_batch."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)  # [B, P + T]
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    p = inputs["prompt_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, p - 1:-1]  # [B, T, V]
+    logits = logits.float()
+    logp = torch.log_softmax(logits, -1).gather(2, inputs["completion_ids"][..., None])[..., 0]  # [B, T]
+    ratio = torch.exp(logp - inputs["old_per_token_logps"])
+    adv = inputs["advantages"][:, None]
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    return (per_token * inputs["completion_mask"]).sum() / inputs["num_items_in_batch"]
 
 
 def test_trl_step_trl(benchmark):
-    _bench(benchmark, "trl")
+    """TRL's step (the peer) computes the off-policy dapo loss of its definition on the benchmark's batch."""
+    trainers, inputs = _quick_trainers("off-policy")
+    benchmark(step_fn(trainers["trl"], inputs))
+    trl = trainers["trl"]
+    with torch.no_grad():
+        torch.testing.assert_close(trl.compute_loss(trl.model, inputs),
+                                   dapo_loss_reference(trl.model, inputs), rtol=1e-5, atol=1e-7)
 
 
 def test_trl_step_wz(benchmark):
-    _bench(benchmark, "wz")
+    """WZGRPOTrainer's loss and gradients equal TRL's on the benchmark's batch (off-policy: fused loss)."""
+    trainers, inputs = _quick_trainers("off-policy")
+    benchmark(step_fn(trainers["wz"], inputs))
+    compare(loss_and_grad(trainers["wz"], inputs), loss_and_grad(trainers["trl"], inputs),
+            REL_TOL[torch.float32])

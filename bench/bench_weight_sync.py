@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from bench.checks import Check, compare, run_check
 from bench.harness import Case
-from wz_engine.sync import ModuleWeightSource, WeightSyncer
+from wz_engine.sync import ModuleWeightSource, WeightSyncer, hf_param_name
 
 
 def transformer_like(layers: int, hidden: int, vocab: int, device: str) -> torch.nn.Module:
@@ -46,47 +47,72 @@ def _shapes(quick: bool):
     return [(2, 256, 4096), (4, 512, 8192), (8, 768, 16384)]
 
 
+def _noop(pairs):
+    return None
+
+
+def per_param_push(model: torch.nn.Module, load=_noop) -> None:
+    """What per-parameter pushes do (TRL colocate): one cast copy and one `load` call per tensor."""
+    for name, p in model.named_parameters():
+        load([(hf_param_name(name), p.detach().to(torch.bfloat16))])
+
+
 def _providers(model: torch.nn.Module, device: str, bucket_bytes: int):
     params = [p for _, p in model.named_parameters()]
     syncer = WeightSyncer(bucket_bytes, device)
     syncer_ref = WeightSyncer(bucket_bytes, device, impl="reference")
     source = ModuleWeightSource(model, torch.bfloat16)
 
-    def noop(pairs):
-        return None
-
-    def per_param():
-        for p in params:
-            noop([("x", p.detach().to(torch.bfloat16))])
-
     def cat():
         torch.cat([p.detach().reshape(-1).to(torch.bfloat16) for p in params])
 
     return {
-        "syncer": lambda: syncer.sync(source, noop),
-        "syncer_reference": lambda: syncer_ref.sync(source, noop),
-        "per_param": per_param,
+        "syncer": lambda: syncer.sync(source, _noop),
+        "syncer_reference": lambda: syncer_ref.sync(source, _noop),
+        "per_param": lambda: per_param_push(model),
         "cat": cat,
     }
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def synced(model: torch.nn.Module, device: str, bucket_bytes: int) -> dict[str, torch.Tensor]:
+    """What the engine's loader receives from one `syncer` sync: engine name -> a copy of its tensor."""
+    received = {}
+    WeightSyncer(bucket_bytes, device).sync(ModuleWeightSource(model, torch.bfloat16),
+                                            lambda pairs: received.update((n, t.clone()) for n, t in pairs))
+    return received
+
+
+def expected(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter under its engine name, cast to bf16 (a cast is exact: the check wants equality)."""
+    return {hf_param_name(n): p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+
+
+def cases(device: str, size: str) -> list[Case]:
     out = []
-    for layers, hidden, vocab in _shapes(quick):
+    for layers, hidden, vocab in _shapes(size == "quick"):
         torch.manual_seed(0)
         model = transformer_like(layers, hidden, vocab, device)
         numel = sum(p.numel() for p in model.parameters())
-        bucket = 16 * 2**20 if not quick else 2**20
+        bucket = 16 * 2**20 if size != "quick" else 2**20
+        check = Check(lambda model=model, bucket=bucket: synced(model, device, bucket),
+                      lambda model=model: expected(model), dtype=torch.bfloat16, rel_tol=0.0)
         out.append(Case(f"{numel / 1e6:.1f}M params, bucket {bucket >> 20} MiB", _providers(model, device, bucket),
-                        bytes_moved=numel * (4 + 2), extra={"params_M": round(numel / 1e6, 2)}))
+                        check=check, ours="syncer", bytes_moved=numel * (4 + 2),
+                        extra={"params_M": round(numel / 1e6, 2)}))
     return out
 
 
 def test_weight_sync_syncer(benchmark):
-    (case,) = cases("cpu", quick=True)
+    (case,) = cases("cpu", "quick")
     benchmark(case.providers["syncer"])
+    assert run_check(case.check) == 0.0  # every parameter arrives, bit for bit, under its engine name
 
 
 def test_weight_sync_per_param(benchmark):
-    (case,) = cases("cpu", quick=True)
+    """The per-parameter peer hands the engine the same tensors (the table compares like with like)."""
+    (case,) = cases("cpu", "quick")
     benchmark(case.providers["per_param"])
+    model = transformer_like(*_shapes(True)[0], "cpu")
+    received = {}
+    per_param_push(model, lambda pairs: received.update(pairs))
+    compare(received, expected(model), 0.0)
