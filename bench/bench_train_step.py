@@ -250,14 +250,14 @@ def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
 def wz_loss_and_grad(policy, rollouts: Rollouts, micro_batch_tokens: int, device: str
                      ) -> dict[str, torch.Tensor]:
     """The wz step's loss and gradient (every parameter, flattened), without the optimizer step."""
-    from wz_engine.update import LossOptions, accumulate_gradients, pack_for_update
+    from wz_engine.update import accumulate_gradients, pack_for_update
 
     policy.model.set_attn_implementation("wz_varlen")
     ub = pack_for_update(rollouts.prompt_ids, rollouts.response_ids, rollouts.advantages,
                          torch.ones(len(rollouts.prompt_ids), dtype=torch.bool), micro_batch_tokens, PAD_ID)
     policy.model.zero_grad(set_to_none=True)
     metrics = accumulate_gradients(policy, ub, None, None, device, TEMPERATURE,
-                                   LossOptions(clip_low=CLIP_EPS, clip_high=CLIP_EPS, agg="token-mean"))
+                                   {"clip_low": CLIP_EPS, "clip_high": CLIP_EPS, "agg": "token-mean"})
     return {"loss": torch.as_tensor(metrics["loss"], dtype=torch.float64), "grad": _flat_grad(policy.model)}
 
 
