@@ -233,6 +233,14 @@ class TrainConfig:
     """torch intra-op threads on CPU (0: torch's default). 1 is fastest for tiny models and on busy machines."""
     max_nonfinite_steps: int = 3
     """Abort after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)."""
+    zero_signal_steps: int = 5
+    """Warn loudly when, this many steps in a row, the judge's invalid rate, BRPO's skew-filter drop rate
+    or the share of zero-advantage rollouts stays above `zero_signal_threshold` (the policy learns
+    nothing); 0 turns the check off. See `wz_engine.monitors`."""
+    zero_signal_threshold: float = 0.9
+    """A step counts as without signal when one of those shares is above this (in [0, 1])."""
+    abort_on_zero_signal: bool = False
+    """Stop the run (an error naming the cause) instead of only warning when the zero-signal check fires."""
 
 
 @dataclass
@@ -307,6 +315,10 @@ class RunConfig:
             bad("algorithm.dual_clip", f"must be > 1, got {self.algorithm.dual_clip}")
         if self.optim.lr <= 0:
             bad("optim.lr", f"must be > 0, got {self.optim.lr}")
+        if not 0 <= self.train.zero_signal_threshold < 1:
+            bad("train.zero_signal_threshold", f"must be in [0, 1), got {self.train.zero_signal_threshold}")
+        if self.train.zero_signal_steps < 0:
+            bad("train.zero_signal_steps", f"must be >= 0 (0: off), got {self.train.zero_signal_steps}")
         if self.train.steps < 0:
             bad("train.steps", f"must be >= 0, got {self.train.steps}")
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:

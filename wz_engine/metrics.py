@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,34 +171,149 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-DEFAULT_PLOT_KEYS = ("judge/score_mean", "reward/mean", "loss", "response/length_mean", "reward/length_corr",
-                     "brpo/skew_drop_rate", "judge/position_bias", "entropy", "grad_norm", "kl_mean", "tokens_per_s")
+@dataclass(frozen=True)
+class Panel:
+    """One panel of `plot_run`: one or more metrics on one axis."""
+
+    title: str
+    keys: tuple[str, ...]
+    unless: str | None = None
+    """Left out when the run logged this metric (it says the same thing better)."""
+    cap: str | None = None
+    """A config value ("section.field" of the run's config.json) drawn as a dashed line."""
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, keys=DEFAULT_PLOT_KEYS) -> Path:
-    """Plot the metric curves of a run to a PNG (default run_dir/curves.png)."""
+PANELS = (
+    # learning: an absolute level that rises as the policy improves
+    Panel("judge score (mean of valid verdicts)", ("judge/score_mean",)),
+    Panel("mean reward", ("reward/mean",), unless="judge/score_mean"),  # BRPO's +-1 rewards: ~0 always
+    # reward-hacking monitors (Writing-Zero): length against its cap, truncation, length bias, position bias
+    Panel("response length (tokens) vs max_new_tokens", ("response/length_mean", "response/length_max"),
+          cap="rollout.max_new_tokens"),
+    Panel("truncated at max_new_tokens (share)", ("response/truncation_rate",)),
+    Panel("corr(reward, length)", ("reward/length_corr",)),
+    Panel("position bias (first shown wins, share)", ("judge/position_bias",)),
+    # no-signal shares (`wz_engine.monitors`): ~1 means the step taught nothing
+    Panel("no signal (share)", ("judge/invalid_rate", "brpo/skew_drop_rate", "adv/zero_rate")),
+    # optimisation
+    Panel("loss", ("loss",)),
+    Panel("entropy (nats/token)", ("entropy",)),
+    Panel("grad norm", ("grad_norm",)),
+    Panel("KL to the reference", ("kl_mean",)),
+    Panel("tokens/s", ("tokens_per_s",)),
+)
+"""`plot_run`'s panels in order; README "Curves" says how to read each."""
+
+
+def progress_postfix(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows: a level that rises as the policy improves (the judge's mean score
+    for pairwise judges, whose BRPO rewards are relative and ~0 whatever the policy; the mean reward
+    for pointwise ones), response length, truncation, and throughput."""
+
+    def finite(key):
+        v = metrics.get(key)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    out = {}
+    if finite("judge/score_mean") is not None:
+        out["score"] = f"{finite('judge/score_mean'):.2f}"
+    elif finite("reward/mean") is not None:
+        out["reward"] = f"{finite('reward/mean'):.3f}"
+    for name, key, fmt in (("len", "response/length_mean", ".1f"), ("trunc", "response/truncation_rate", ".2f"),
+                           ("tok_s", "tokens_per_s", ".0f")):
+        if finite(key) is not None:
+            out[name] = format(finite(key), fmt)
+    return out
+
+
+def curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric with NaN where it is missing, null or non-finite, and a NaN inserted
+    where steps are skipped: matplotlib breaks the line there instead of bridging the gap."""
+    steps, values = [], []
+    for r in rows:
+        if steps and r["step"] > steps[-1] + 1:
+            steps.append(steps[-1] + 1)
+            values.append(float("nan"))
+        v = r.get(key)
+        steps.append(r["step"])
+        values.append(float(v) if isinstance(v, (int, float)) and math.isfinite(v) else float("nan"))
+    return steps, values
+
+
+def select_panels(rows: list[dict], panels=PANELS) -> tuple[list, list[str]]:
+    """-> ([(panel, [(key, steps, values), ...]), ...] to draw in order, ["key = value", ...] left out as
+    constant). A panel is left out when each of its logged metrics is constant, or its `unless` was logged."""
+    logged = {k for r in rows for k, v in r.items() if v is not None}
+    drawn, constant = [], []
+    for panel in panels:
+        if panel.unless in logged:
+            continue
+        lines, flat = [], []
+        for key in panel.keys:
+            steps, values = curve(rows, key)
+            finite = [v for v in values if not math.isnan(v)]
+            if finite:
+                lines.append((key, steps, values))
+                if max(finite) - min(finite) <= 1e-9 * max(1.0, abs(finite[0])):
+                    flat.append(f"{key} = {finite[0]:.4g}")
+        if len(flat) < len(lines):
+            drawn.append((panel, lines))
+        else:  # nothing in this panel changes: a flat line would only take space
+            constant += flat
+    return drawn, constant
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, panels=PANELS) -> Path:
+    """Plot a run's metric curves to a PNG (default run_dir/curves.png). A panel whose metrics are all
+    constant (or never logged) is left out; the constant ones are listed under the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    if not keys:
-        raise ValueError(f"run_dir: {str(run_dir)!r} has no metrics to plot")
+    config = _read_config(run_dir)
+    drawn, constant = select_panels(rows, panels)
+    if not drawn:
+        raise ValueError(f"run_dir: {str(run_dir)!r} has no changing metrics to plot")
     cols = 2
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(10, 2.6 * nrows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        ax.set_title(k, fontsize=9)
+    nrows = math.ceil(len(drawn) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(10, 2.6 * nrows + 0.4), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, drawn):
+        for key, steps, values in lines:
+            # markers keep a value between two gaps visible
+            ax.plot(steps, values, lw=1.2, marker=".", ms=3, label=key)
+        cap = _config_value(config, panel.cap)
+        if cap is not None:
+            ax.axhline(cap, ls="--", lw=1, color="grey", label=f"{panel.cap} = {cap}")
+        if len(lines) > 1 or cap is not None:
+            ax.legend(fontsize=7)
+        ax.set_title(panel.title if len(lines) > 1 else f"{panel.title}: {lines[0][0]}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(drawn):]:
         ax.axis("off")
-    fig.tight_layout()
+    if constant:
+        fig.text(0.01, 0.005, "constant, not drawn: " + ", ".join(constant), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if constant else 0, 1, 1))
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _read_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _config_value(config: dict, dotted: str | None):
+    if not dotted:
+        return None
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, (int, float)) else None

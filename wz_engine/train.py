@@ -14,6 +14,7 @@ from typing import Sequence
 from wz_engine import distributed as wzdist
 from wz_engine.config import ConfigError, load_config
 from wz_engine.data import DataError
+from wz_engine.monitors import ZeroSignalError
 from wz_engine.optional_deps import check_optional_deps
 from wz_engine.trainer import Trainer
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trainer.info.is_main and last:
             keys = ("reward/mean", "loss", "response/length_mean", "tokens_per_s")
             log.info("done: step %d %s", trainer.step_idx, {k: last.get(k) for k in keys})
+    except ZeroSignalError as e:  # train.abort_on_zero_signal: the message says why and what to check
+        print(f"wz train: stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         wzdist.shutdown()
     return 0

@@ -29,8 +29,9 @@ from wz_engine.build import HF_CONFIG_DIR, TOKENIZER_DIR, build_reward_source, b
 from wz_engine.config import RunConfig
 from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
 from wz_engine.export import export_live_policy
-from wz_engine.metrics import MetricsLogger, PhaseTimer, step_metrics
+from wz_engine.metrics import MetricsLogger, PhaseTimer, progress_postfix, step_metrics
 from wz_engine.modeling import FusedHeadCausalLM
+from wz_engine.monitors import ZeroSignalWatch, rollout_monitors
 from wz_engine.rewards.dapo import informative_groups, overlong_penalty
 from wz_engine.rollout.base import SamplingParams
 from wz_engine.rollout.batch import Rollouts
@@ -326,6 +327,7 @@ class Trainer:
         out.update({"sampling_rounds": got.rounds, "data/filtered_prompts": self.filtered,
                     "data/epoch": self.stream.epoch, "train/rollout_step": self.step_idx,
                     "train/optimizer_step": self.optimizer_step, **timer.pop()})
+        out.update(rollout_monitors(got.groups, got.cat("adv"), got.cat("is_ref").bool()))
         last_sync = getattr(self.sampler, "last_sync", None)  # vLLM: seconds, GB/s, bytes of the push
         return {**out, **tis, **(last_sync.as_log() if last_sync is not None else {})}
 
@@ -356,18 +358,18 @@ class Trainer:
             bar = tqdm(total=cfg.train.steps, initial=self.step_idx, desc="train", dynamic_ncols=True)
         last: dict = {}
         saved_at = -1
+        zero_signal = ZeroSignalWatch.from_config(cfg.train)
         try:
             while self.step_idx < cfg.train.steps:
                 last = self.step()
                 self.logger.log(self.step_idx, last)
+                zero_signal.observe(self.step_idx, last)  # warns, or raises ZeroSignalError when configured
                 every = cfg.logging.samples_every
                 if every and self.step_idx % every == 0 and self.last_sample:
                     self.logger.log_sample(self.step_idx, self.last_sample)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{last.get('reward/mean', float('nan')):.3f}",
-                                    len=f"{last.get('response/length_mean', 0):.1f}",
-                                    tok_s=f"{last['tokens_per_s']:.0f}")
+                    bar.set_postfix(progress_postfix(last))
                 stop = bool(wzdist.all_reduce(float(self.stop_requested), op="max") > 0)
                 if (cfg.checkpoint.every and self.step_idx % cfg.checkpoint.every == 0) or stop:
                     self.save()

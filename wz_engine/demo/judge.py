@@ -1,12 +1,18 @@
 """A programmatic pairwise writing judge for the CPU demo: learnable preferences, no model.
 
 `writing_judge(prompt, response_a, response_b) -> (score_a, score_b)` scores each response in
-[0, 10] against writing principles a tiny model can discover by RL in minutes:
-- on topic (4 pts): distinct words from the prompt topic's lexicon (4 of them earn all the points),
-- real words (3 pts): share of words that are English words of the demo vocabulary (no gibberish),
-- length (2 pts): 6-14 words earns all, fewer or more lose points linearly,
+[0, 10]. Being on topic is decisive, so the only way to score well is to read the prompt:
+- on topic (6 pts): recall x precision over the topic lexicons. Recall: distinct words of the
+  prompt topic's lexicon (2 of them earn it all). Precision: those words' share of all lexicon
+  words in the response, so words of other topics cost points and a fixed text that names every
+  topic (the same answer to every prompt) earns little,
+- real words (2 pts): share of words that are English words of the demo vocabulary, gibberish and
+  stray punctuation counted against it,
+- length (1 pt): 4-10 words earns all, fewer or more lose points linearly (0 at 0 and 20 words),
 - varied vocabulary (1 pt): distinct words / words (repetition costs).
 The pairwise form is what BRPO consumes; it is symmetric, so it has no position bias.
+
+`is_on_topic` is the measurable definition the demo's evaluation reports (the on-topic rate).
 """
 
 from __future__ import annotations
@@ -31,8 +37,13 @@ FUNCTION_WORDS = [
     "the", "a", "and", "of", "in", "on", "with", "is", "was", "by", "under", "over", "its", "my",
     "we", "i", "it", "as", "through", "from", "into", "all", "so", "soft", "old", "slow", "bright",
 ]
-VOCABULARY = frozenset(FUNCTION_WORDS) | {w for ws in TOPICS.values() for w in ws} | set(TOPICS)
+LEXICONS: dict[str, frozenset[str]] = {t: frozenset([t, *ws]) for t, ws in TOPICS.items()}
+"""Each topic's words: its name and its six associated words (a few are shared by two topics)."""
+TOPIC_WORDS = frozenset().union(*LEXICONS.values())
+VOCABULARY = frozenset(FUNCTION_WORDS) | TOPIC_WORDS
 _WORD = re.compile(r"[a-z]+")
+_WORD_END = re.compile(r"(?<=[a-z])[.,']")
+_JUNK = re.compile(r"[^a-z\s]")
 
 
 def topic_of(prompt: str) -> str | None:
@@ -42,21 +53,36 @@ def topic_of(prompt: str) -> str | None:
     return None
 
 
+def topic_counts(prompt: str, words: list[str]) -> tuple[int, int, int]:
+    """-> (words of the prompt topic's lexicon, distinct ones, words of other topics' lexicons only)."""
+    lexicon = LEXICONS.get(topic_of(prompt) or "", frozenset())
+    on = [w for w in words if w in lexicon]
+    off = sum(w in TOPIC_WORDS and w not in lexicon for w in words)
+    return len(on), len(set(on)), off
+
+
+def is_on_topic(prompt: str, response: str) -> bool:
+    """On topic: at least one word of the prompt topic's lexicon, and more of them than words of all
+    other topics' lexicons together (so neither a topic-free text nor one naming every topic counts)."""
+    on, _, off = topic_counts(prompt, _WORD.findall(response.lower()))
+    return on > off
+
+
 def writing_score(prompt: str, response: str) -> float:
     """Score one response to `prompt` in [0, 10] (see the module docstring)."""
     words = _WORD.findall(response.lower())
-    # Any non-letter, non-space character (bytes the tokenizer knows but words do not) is gibberish.
-    junk = len(re.findall(r"[^a-zA-Z\s.,']", response))
+    # Any other character is gibberish: bytes the tokenizer knows but words do not, and punctuation
+    # beyond one mark right after a word (a run of dots would pad the length for free).
+    junk = len(_JUNK.findall(_WORD_END.sub("", response.lower())))
     if not words:
         return 0.0
-    topic = topic_of(prompt)
-    lexicon = set(TOPICS.get(topic, [])) | ({topic} if topic else set())
-    on_topic = min(len(set(words) & lexicon), 4) / 4
+    on, distinct_on, off = topic_counts(prompt, words)
+    on_topic = min(distinct_on, 2) / 2 * (on / (on + off) if on else 0.0)
     real = sum(w in VOCABULARY for w in words) / (len(words) + junk)
     n = len(words)
-    length = 1.0 if 6 <= n <= 14 else max(0.0, 1 - (6 - n) / 6) if n < 6 else max(0.0, 1 - (n - 14) / 14)
+    length = 1.0 if 4 <= n <= 10 else n / 4 if n < 4 else max(0.0, 1 - (n - 10) / 10)
     varied = len(set(words)) / n
-    return 4 * on_topic + 3 * real + 2 * length + 1 * varied
+    return 6 * on_topic + 2 * real + 1 * length + 1 * varied
 
 
 def writing_judge(prompt: str, response_a: str, response_b: str) -> tuple[float, float]:

@@ -1,17 +1,20 @@
-"""`wz demo`: train a tiny model with BRPO on CPU, then measure its win rate against the initial model.
+"""`wz demo`: train a tiny model with BRPO on CPU, then measure it against the initial model.
 
-Trains with the packaged `demo_cpu.toml`, evaluates trained vs initial on the held-out prompts
-(both orders, same judge), prints the win rate and writes the curves to OUTPUT_DIR/curves.png.
+Trains with the packaged `demo_cpu.toml`, evaluates trained vs initial on the held-out prompts: the
+pairwise win rate (both orders, same judge), the on-topic rate (does the output follow the prompt),
+the truncation rate (cut off at max_new_tokens) and the distinct greedy outputs across prompts; prints
+them, writes them to OUTPUT_DIR/demo_eval.json and the curves to OUTPUT_DIR/curves.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 DEMO_CONFIG = Path(__file__).with_name("demo_cpu.toml")
 
@@ -20,7 +23,8 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
     from wz_engine import distributed as wzdist
     from wz_engine.build import build_reward_source, build_tokenizer_and_model
     from wz_engine.config import load_config
-    from wz_engine.demo.evaluate import pairwise_win_rate
+    from wz_engine.demo.evaluate import compare_policies
+    from wz_engine.demo.judge import is_on_topic
     from wz_engine.metrics import plot_run
     from wz_engine.rollout.base import SamplingParams
     from wz_engine.rollout.hf import HFSampler
@@ -41,13 +45,15 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
             r = cfg.rollout
             params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                     top_k=r.top_k, n=eval_samples)
-            result = pairwise_win_rate(HFSampler(trainer.policy.model, trainer.tokenizer),
-                                       HFSampler(initial_lm, trainer.tokenizer), judge,
-                                       trainer.holdout_prompts, params)
+            result, trained, initial = compare_policies(
+                HFSampler(trainer.policy.model, trainer.tokenizer), HFSampler(initial_lm, trainer.tokenizer),
+                judge, trainer.holdout_prompts, params, is_on_topic)
         png = plot_run(cfg.train.output_dir) if trainer.step_idx else None
         summary = {"win_rate": result.win_rate, "wins": result.wins, "ties": result.ties, "losses": result.losses,
                    "invalid": result.invalid, "comparisons": result.comparisons, "train_seconds": train_s,
-                   "steps": trainer.step_idx, "curves": str(png) if png else None}
+                   "trained": dataclasses.asdict(trained), "initial": dataclasses.asdict(initial),
+                   "max_new_tokens": r.max_new_tokens, "steps": trainer.step_idx,
+                   "curves": str(png) if png else None}
         Path(cfg.train.output_dir, "demo_eval.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
@@ -63,8 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = run_demo(args.overrides, args.eval_samples)
     if s:
-        print(f"\nwin rate of the trained policy vs the initial one: {s['win_rate']:.3f} "
-              f"({s['wins']} wins, {s['ties']} ties, {s['losses']} losses over {s['comparisons']} held-out "
-              f"comparisons, both orders)\ntrained {s['steps']} steps in {s['train_seconds']:.0f} s; "
-              f"curves: {s['curves']}")
+        print(format_summary(s))
     return 0
+
+
+def format_summary(s: dict) -> str:
+    t, i = s["trained"], s["initial"]
+    return (f"\nheld-out prompts, trained vs initial policy:\n"
+            f"  win rate        {s['win_rate']:.3f}  ({s['wins']} wins, {s['ties']} ties, {s['losses']} losses "
+            f"over {s['comparisons']} comparisons, both orders)\n"
+            f"  on-topic rate   {i['on_topic_rate']:.3f} -> {t['on_topic_rate']:.3f}  (a topic word, and more "
+            f"of them than other topics' words)\n"
+            f"  truncated       {i['truncation_rate']:.3f} -> {t['truncation_rate']:.3f}  (hit max_new_tokens "
+            f"= {s['max_new_tokens']}; mean length {i['length_mean']:.1f} -> {t['length_mean']:.1f} tokens)\n"
+            f"  distinct greedy {i['distinct_greedy']} -> {t['distinct_greedy']}  (different greedy outputs over "
+            f"the held-out prompts)\n"
+            f"trained {s['steps']} steps in {s['train_seconds']:.0f} s; curves: {s['curves']}")
