@@ -1,0 +1,186 @@
+"""The production launches the sm_90 audit compiles: each op's own launch wrapper at production shapes.
+
+Every case runs inside `audit_compile.sm90_compile_session()`: tensors are storage-less fake "cuda"
+tensors, so the shapes are the real ones (logits tiles of 883 x 151936, 2^24 policy-loss tokens)
+at no memory cost. A case calls the same private launcher the public op calls on CUDA, so the
+block sizes, warps, stages and constexpr flags are the ones production picks.
+
+Shapes (issue 11): logprob N=16384, H=4096, V=151936 and 128256 in bf16 and fp32; policy loss
+N=2^24; advantages B=16384; attention Hq/Hkv 16/4 and 32/8, D 64 and 128, causal and not, bf16,
+fp16 and fp32, forward and backward, on a 64k-token packed batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class AuditCase:
+    op: str
+    label: str
+    dtype: torch.dtype
+    """The dtype that selects the kernel's configuration (q for attention, the logits tile for logprob)."""
+    run: Callable[[], object]
+    spill_is_failure: bool
+    """A spill fails the audit: every 16-bit config, and every config of an op that is fp32 only."""
+
+
+def _empty(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_TOKENS = 65536
+ATTENTION_MAX_SEQLEN = 4096
+ATTENTION_SEQUENCES = 64
+
+
+def _attention_run(hq: int, hkv: int, d: int, dtype: torch.dtype, causal: bool):
+    attention = importlib.import_module("wz_kernels.attention")  # the module (wz_kernels re-exports same-named functions)
+
+    def run():
+        n = ATTENTION_TOKENS
+        q, do = _empty(n, hq, d, dtype=dtype), _empty(n, hq, d, dtype=dtype)
+        k, v = _empty(n, hkv, d, dtype=dtype), _empty(n, hkv, d, dtype=dtype)
+        cu = _empty(ATTENTION_SEQUENCES + 1, dtype=torch.int32)
+        scale = d ** -0.5
+        out, lse = attention._fwd_launch(q, k, v, cu, ATTENTION_MAX_SEQLEN, causal, scale)
+        attention._bwd_launch(do, q, k, v, out, lse, cu, ATTENTION_MAX_SEQLEN, causal, scale)
+
+    return run
+
+
+def attention_cases() -> list[AuditCase]:
+    cases = []
+    for hq, hkv in ((16, 4), (32, 8)):
+        for d in (64, 128):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for causal in (True, False):
+                    label = f"Hq{hq}/Hkv{hkv} D{d} {'causal' if causal else 'full'} N={ATTENTION_TOKENS}"
+                    cases.append(AuditCase("attention", label, dtype, _attention_run(hq, hkv, d, dtype, causal),
+                                           dtype in LOW_PRECISION))
+    return cases
+
+
+# ----------------------------------------------------------------------------- fused linear logprobs
+
+LOGPROB_TOKENS, LOGPROB_HIDDEN, LOGPROB_VOCABS = 16384, 4096, (151936, 128256)
+
+
+def _logprob_run(vocab: int, dtype: torch.dtype, with_entropy: bool):
+    logprob = importlib.import_module("wz_kernels.logprob")  # the module (wz_kernels re-exports same-named functions)
+
+    def run():
+        hidden = _empty(LOGPROB_TOKENS, LOGPROB_HIDDEN, dtype=dtype)
+        weight = _empty(vocab, LOGPROB_HIDDEN, dtype=dtype)
+        plan = logprob._plan(hidden, weight, None, torch.float32, upcast=False, reference=False)
+        logits = _empty(plan.chunk_size, vocab, dtype=plan.compute_dtype)
+        targets = _empty(plan.chunk_size, dtype=torch.int64)
+        grad = _empty(plan.chunk_size)
+        _, entropy, lse = logprob._tile_fwd_triton(logits, targets, 1.0, -100, with_entropy)
+        logprob._tile_bwd_triton(logits, targets, lse, entropy, grad, grad if with_entropy else None, 1.0, -100)
+
+    return run
+
+
+def logprob_cases() -> list[AuditCase]:
+    return [
+        AuditCase("logprob", f"N={LOGPROB_TOKENS} H={LOGPROB_HIDDEN} V={vocab}{' +entropy' if ent else ''}",
+                  dtype, _logprob_run(vocab, dtype, ent), dtype in LOW_PRECISION)
+        for vocab in LOGPROB_VOCABS for dtype in (torch.bfloat16, torch.float32) for ent in (False, True)
+    ]
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+POLICY_TOKENS = 1 << 24
+
+
+def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool):
+    policy_loss = importlib.import_module("wz_kernels.policy_loss")  # the module (wz_kernels re-exports same-named functions)
+
+    def run():
+        n = POLICY_TOKENS
+        logp, old, adv = _empty(n), _empty(n), _empty(n)
+        ref = None if kl_estimator is None else _empty(n)
+        weights = _empty(()) if scalar_weight else _empty(n)
+        policy_loss._policy_loss_terms_triton(
+            logp, old, adv, _empty(n, dtype=torch.bool), weights, ref, 0.2, 0.28, dual_clip,
+            0.0 if kl_estimator is None else 0.05, kl_estimator or "k3")
+
+    return run
+
+
+def policy_loss_cases() -> list[AuditCase]:
+    from wz_kernels.policy_loss import KL_ESTIMATORS
+
+    variants = [(None, None, False), *((kl, None, False) for kl in KL_ESTIMATORS), ("k3", 3.0, False),
+                ("k3", None, True)]
+    return [
+        AuditCase("policy_loss", f"N=2^24 kl={kl or 'none'}{' dual' if dual else ''}"
+                  f"{' scalar-weight' if scalar else ''}", torch.float32, _policy_loss_run(kl, dual, scalar), True)
+        for kl, dual, scalar in variants
+    ]
+
+
+# ----------------------------------------------------------------------------- advantages
+
+ADVANTAGE_ROWS = 16384
+
+
+def advantage_cases() -> list[AuditCase]:
+    advantage = importlib.import_module("wz_kernels.advantage")  # the module (wz_kernels re-exports same-named functions)
+
+    def estimator(name):
+        return lambda: advantage._group_advantages_triton(
+            _empty(ADVANTAGE_ROWS), _empty(ADVANTAGE_ROWS, dtype=torch.int64), name, 1e-6)
+
+    def gigpo(mode):
+        return lambda: advantage._gigpo_advantages_triton(
+            _empty(ADVANTAGE_ROWS), _empty(ADVANTAGE_ROWS, dtype=torch.int64), _empty(ADVANTAGE_ROWS),
+            _empty(ADVANTAGE_ROWS, dtype=torch.int64), 1.0, mode, 1e-6)
+
+    def brpo():
+        return advantage._brpo_advantages_triton(_empty(ADVANTAGE_ROWS), _empty(ADVANTAGE_ROWS, dtype=torch.int64),
+                                                 0.6)
+
+    cases = [AuditCase("advantage", f"B={ADVANTAGE_ROWS} {name}", torch.float32, estimator(name), True)
+             for name in advantage.ESTIMATORS]
+    cases.append(AuditCase("advantage", f"B={ADVANTAGE_ROWS} brpo", torch.float32, brpo, True))
+    cases += [AuditCase("advantage", f"B={ADVANTAGE_ROWS} gigpo {mode}", torch.float32, gigpo(mode), True)
+              for mode in advantage.GIGPO_MODES]
+    return cases
+
+
+def all_cases() -> list[AuditCase]:
+    return attention_cases() + logprob_cases() + policy_loss_cases() + advantage_cases()
+
+
+def entry_kernels() -> dict[str, str]:
+    """Every module-level `@triton.jit` function of wz_kernels named `*_kernel` -> its module.
+
+    The naming rule of the kernel contract (`_<op>_fwd_kernel`, ...): helpers called from kernels
+    have other names. The audit fails when one of these is compiled by no case.
+    """
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import wz_kernels
+
+    found = {}
+    for info in pkgutil.iter_modules(wz_kernels.__path__):
+        module = importlib.import_module(f"wz_kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                found[name] = info.name
+    return found
+
