@@ -77,9 +77,45 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # Every tile load and store goes through `_tile_offsets`: element offsets are computed in int64,
+    # because cu_seqlens is int32 and (start + row) * stride_n passes 2^31 once tokens x Hq x D does
+    # (~1M tokens at Hq=16, D=128), and head * stride_h can too when q is a [B, H, L, D] view.
+    #
     # Every kernel walks its key (or query) blocks in two kinds of step: MASKED steps check sequence
     # ends and the causal diagonal, unmasked steps (blocks wholly inside the sequence and wholly
-    # below the diagonal: most of them) skip those checks. Each helper below is one such walk.
+    # below the diagonal: most of them) skip those checks. Each `_*_steps` helper is one such walk.
+    #
+    # Grid: axis 0 = (sequence, block) flattened (seq = pid // blocks_per_seq), axis 1 = head. The
+    # sequence count is not a grid axis of its own: axes 1 and 2 stop at 65,535 on CUDA, axis 0 at
+    # 2^31 - 1.
+
+    @triton.jit
+    def _tile_offsets(start, rows, head, stride_n, stride_h, offs_d):
+        """int64 element offsets [len(rows), len(offs_d)] of tokens start + rows of one head."""
+        token = start.to(tl.int64) + rows
+        return token[:, None] * stride_n + head.to(tl.int64) * stride_h + offs_d[None, :]
+
+    @triton.jit
+    def _row_offsets(start, rows, head, stride_h):
+        """int64 offsets [len(rows)] into a per-head row vector [H, N] (LSE, delta)."""
+        return head.to(tl.int64) * stride_h + start.to(tl.int64) + rows
+
+    @triton.jit
+    def _load_tile(base, start, rows, head, stride_n, stride_h, offs_d, mask, UPCAST: tl.constexpr):
+        """[len(rows), BLOCK_D] tile (masked elements read 0), in fp32 when UPCAST (interpreter's bf16 dot)."""
+        tile = tl.load(base + _tile_offsets(start, rows, head, stride_n, stride_h, offs_d), mask=mask, other=0.0)
+        if UPCAST:
+            tile = tile.to(tl.float32)
+        return tile
+
+    @triton.jit
+    def _sequence_block(CU_SEQLENS, blocks_per_seq, BLOCK: tl.constexpr):
+        """(start, length, first row of this program's block) from the flattened grid axis 0."""
+        pid = tl.program_id(0)
+        seq = pid // blocks_per_seq
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+        return start, length, (pid % blocks_per_seq) * BLOCK
 
     @triton.jit
     def _fwd_steps(
@@ -93,13 +129,8 @@ if triton_available():
             kv_mask = d_valid[None, :]
             if MASKED:
                 kv_mask = kv_mask & (offs_kn < length)[:, None]
-            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(K, start, offs_kn, kv_head, stride_kn, stride_kh, offs_d, kv_mask, UPCAST)
+            v = _load_tile(V, start, offs_kn, kv_head, stride_vn, stride_vh, offs_d, kv_mask, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
             if MASKED:
                 keep = (offs_kn < length)[None, :]
@@ -117,31 +148,25 @@ if triton_available():
 
     @triton.jit
     def _varlen_attention_fwd_kernel(
-        Q, K, V, O, LSE, CU_SEQLENS,
+        Q, K, V, O, LSE, CU_SEQLENS, blocks_per_seq,
         qk_scale_log2,  # softmax_scale * log2(e): the kernel works in base 2
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
         stride_lse_h,
         HEAD_DIM, GROUP: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
+        start, length, block_start = _sequence_block(CU_SEQLENS, blocks_per_seq, BLOCK_M)
+        head = tl.program_id(1)
         kv_head = head // GROUP
-        start = tl.load(CU_SEQLENS + seq)
-        length = tl.load(CU_SEQLENS + seq + 1) - start
-        block_start = pid_m * BLOCK_M
 
         offs_m = block_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < length
         d_valid = offs_d < HEAD_DIM
-
-        q_ptrs = Q + (start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in fp32 there
-            q = q.to(tl.float32)
+        q_mask = m_valid[:, None] & d_valid[None, :]
+        # UPCAST: the interpreter's bf16 tl.dot is wrong, so compute in fp32 there
+        q = _load_tile(Q, start, offs_m, head, stride_qn, stride_qh, offs_d, q_mask, UPCAST)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -165,9 +190,9 @@ if triton_available():
 
         l_i = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence end: never stored, keep them finite
         acc = acc / l_i[:, None]
-        o_ptrs = O + (start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-        tl.store(LSE + head * stride_lse_h + start + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+        tl.store(O + _tile_offsets(start, offs_m, head, stride_on, stride_oh, offs_d),
+                 acc.to(O.dtype.element_ty), mask=q_mask)
+        tl.store(LSE + _row_offsets(start, offs_m, head, stride_lse_h), m_i + tl.log2(l_i), mask=m_valid)
 
     @triton.jit
     def _varlen_attention_bwd_preprocess_kernel(
@@ -175,16 +200,15 @@ if triton_available():
         HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """delta[h, n] = sum_d dO[n, h, d] * O[n, h, d] (= rowsum(P * dP), needed for dS)."""
-        pid = tl.program_id(0)
+        row0 = tl.program_id(0) * BLOCK_M
         head = tl.program_id(1)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(O + offs_m[:, None] * stride_on + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + head * stride_doh + offs_d[None, :], mask=mask,
-                     other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + head * stride_delta_h + offs_m, delta, mask=offs_m < N)
+        row_valid = row0 + rows < N
+        mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = _load_tile(O, row0, rows, head, stride_on, stride_oh, offs_d, mask, True)
+        do = _load_tile(DO, row0, rows, head, stride_don, stride_doh, offs_d, mask, True)
+        tl.store(DELTA + _row_offsets(row0, rows, head, stride_delta_h), tl.sum(o * do, 1), mask=row_valid)
 
     @triton.jit
     def _dkdv_steps(
@@ -200,15 +224,11 @@ if triton_available():
             if MASKED:
                 row_mask = offs_qm < length
                 q_mask = q_mask & row_mask[:, None]
-            q = tl.load(Q + (start + offs_qm)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(DO + (start + offs_qm)[:, None] * stride_don + head * stride_doh + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + head * stride_lse_h + start + offs_qm, mask=row_mask, other=0.0)
-            delta = tl.load(DELTA + head * stride_lse_h + start + offs_qm, mask=row_mask, other=0.0)
+            q = _load_tile(Q, start, offs_qm, head, stride_qn, stride_qh, offs_d, q_mask, UPCAST)
+            do = _load_tile(DO, start, offs_qm, head, stride_don, stride_doh, offs_d, q_mask, UPCAST)
+            rows = _row_offsets(start, offs_qm, head, stride_lse_h)
+            lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_mask, other=0.0)
             # Transposed scores: rows are keys, columns queries.
             p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2 - lse[None, :])
             if MASKED:
@@ -224,7 +244,7 @@ if triton_available():
 
     @triton.jit
     def _varlen_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, blocks_per_seq,
         qk_scale_log2, softmax_scale,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
         stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_lse_h,
@@ -232,25 +252,16 @@ if triton_available():
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One key/value block of one key/value head: dK, dV summed over its query-head group."""
-        pid_n = tl.program_id(0)
-        seq = tl.program_id(1)
-        kv_head = tl.program_id(2)
-        start = tl.load(CU_SEQLENS + seq)
-        length = tl.load(CU_SEQLENS + seq + 1) - start
-        block_start = pid_n * BLOCK_N
+        start, length, block_start = _sequence_block(CU_SEQLENS, blocks_per_seq, BLOCK_N)
+        kv_head = tl.program_id(1)
 
         offs_n = block_start + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
         kv_mask = (offs_n < length)[:, None] & d_valid[None, :]
-        k = tl.load(K + (start + offs_n)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + (start + offs_n)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(K, start, offs_n, kv_head, stride_kn, stride_kh, offs_d, kv_mask, UPCAST)
+        v = _load_tile(V, start, offs_n, kv_head, stride_vn, stride_vh, offs_d, kv_mask, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -278,9 +289,9 @@ if triton_available():
                                  qk_scale_log2, u_hi, hi, True, CAUSAL, UPCAST, PRECISION, BLOCK_M)
 
         dk = dk * softmax_scale
-        tl.store(DK + (start + offs_n)[:, None] * stride_dkn + kv_head * stride_dkh + offs_d[None, :],
+        tl.store(DK + _tile_offsets(start, offs_n, kv_head, stride_dkn, stride_dkh, offs_d),
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + (start + offs_n)[:, None] * stride_dvn + kv_head * stride_dvh + offs_d[None, :],
+        tl.store(DV + _tile_offsets(start, offs_n, kv_head, stride_dvn, stride_dvh, offs_d),
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
@@ -295,13 +306,8 @@ if triton_available():
             kv_mask = d_valid[None, :]
             if MASKED:
                 kv_mask = kv_mask & (offs_kn < length)[:, None]
-            k = tl.load(K + (start + offs_kn)[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (start + offs_kn)[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(K, start, offs_kn, kv_head, stride_kn, stride_kh, offs_d, kv_mask, UPCAST)
+            v = _load_tile(V, start, offs_kn, kv_head, stride_vn, stride_vh, offs_d, kv_mask, UPCAST)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2 - lse[:, None])
             if MASKED:
                 keep = (offs_m < length)[:, None] & (offs_kn < length)[None, :]
@@ -315,7 +321,7 @@ if triton_available():
 
     @triton.jit
     def _varlen_attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, blocks_per_seq,
         qk_scale_log2, softmax_scale,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
         stride_dqn, stride_dqh, stride_lse_h,
@@ -323,13 +329,9 @@ if triton_available():
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One query block of one query head: dQ = sum over visible keys of dS K * scale."""
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
+        start, length, block_start = _sequence_block(CU_SEQLENS, blocks_per_seq, BLOCK_M)
+        head = tl.program_id(1)
         kv_head = head // GROUP
-        start = tl.load(CU_SEQLENS + seq)
-        length = tl.load(CU_SEQLENS + seq + 1) - start
-        block_start = pid_m * BLOCK_M
 
         offs_m = block_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -337,15 +339,11 @@ if triton_available():
         m_valid = offs_m < length
         d_valid = offs_d < HEAD_DIM
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + (start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + (start + offs_m)[:, None] * stride_don + head * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + head * stride_lse_h + start + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + head * stride_lse_h + start + offs_m, mask=m_valid, other=0.0)
+        q = _load_tile(Q, start, offs_m, head, stride_qn, stride_qh, offs_d, q_mask, UPCAST)
+        do = _load_tile(DO, start, offs_m, head, stride_don, stride_doh, offs_d, q_mask, UPCAST)
+        rows = _row_offsets(start, offs_m, head, stride_lse_h)
+        lse = tl.load(LSE + rows, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + rows, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         # The same split as the forward: keys [0, full) unmasked, [full, hi) masked. Rows past the
@@ -365,7 +363,7 @@ if triton_available():
                        True, CAUSAL, UPCAST, PRECISION, BLOCK_N)
 
         dq = dq * softmax_scale
-        tl.store(DQ + (start + offs_m)[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :],
+        tl.store(DQ + _tile_offsets(start, offs_m, head, stride_dqn, stride_dqh, offs_d),
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -379,24 +377,40 @@ class _LaunchConfig:
     num_stages: int
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> _LaunchConfig:
-    if interpreting():  # ~2.5 ms per program x loop step: smallest blocks tl.dot accepts
-        return _LaunchConfig(16, 16, 1, 1)
-    if dtype == torch.float32:  # IEEE fp32 dots: 4-byte tiles, FMA path; keep shared memory small
-        return _LaunchConfig(64, 32, 4, 2)
-    if head_dim <= 64:
-        return _LaunchConfig(128, 64, 4, 3)
-    return _LaunchConfig(128, 64, 8, 3)
+# Chosen with `python -m bench audit` (sm_90, Triton 3.6): for each kernel, dtype class and head-dim
+# class, a tile whose compiled kernel keeps every value in registers (no spill) and fits the 227 KB
+# of shared memory per block; registers per thread in the comments (bench/RESULTS.md has the table).
+# fp32 runs IEEE dots on CUDA cores (no TF32): each thread then holds whole D-long operand rows, so
+# only small tiles fit. wgmma wants M >= 64 per warpgroup, hence BLOCK_M 128 with 8 warps forward.
+_INTERPRETER = _LaunchConfig(16, 16, 1, 1)  # ~2.5 ms per program x loop step: smallest tl.dot blocks
+_CONFIGS = {  # (kernel, 16-bit?, head-dim class) -> config
+    ("fwd", True, 64): _LaunchConfig(128, 64, 8, 3),  # 126-127 registers
+    ("fwd", True, 128): _LaunchConfig(128, 64, 8, 3),  # 203-205
+    ("fwd", True, 256): _LaunchConfig(64, 64, 8, 2),  # 244 (the D=128 tile needs 256 KB of smem)
+    ("dkdv", True, 64): _LaunchConfig(32, 128, 8, 1),  # 166-181
+    ("dkdv", True, 128): _LaunchConfig(16, 64, 8, 1),  # 194-207 (BLOCK_M 32: 231-255, at the limit)
+    ("dkdv", True, 256): _LaunchConfig(16, 32, 8, 1),  # 175-200
+    ("dq", True, 64): _LaunchConfig(64, 64, 4, 2),  # 168
+    ("dq", True, 128): _LaunchConfig(64, 64, 8, 2),  # 188-190
+    ("dq", True, 256): _LaunchConfig(16, 32, 8, 1),  # 126-128
+    ("fwd", False, 64): _LaunchConfig(32, 32, 8, 1),  # 66
+    ("fwd", False, 128): _LaunchConfig(16, 16, 4, 1),  # 80-83
+    ("fwd", False, 256): _LaunchConfig(16, 16, 4, 1),  # 128-140
+    ("dkdv", False, 64): _LaunchConfig(32, 32, 8, 1),  # 102-107
+    ("dkdv", False, 128): _LaunchConfig(16, 16, 4, 2),  # 188
+    ("dkdv", False, 256): _LaunchConfig(16, 16, 8, 1),  # 152-172
+    ("dq", False, 64): _LaunchConfig(32, 32, 8, 1),  # 74
+    ("dq", False, 128): _LaunchConfig(16, 16, 8, 1),  # 62-74
+    ("dq", False, 256): _LaunchConfig(16, 16, 8, 1),  # 86-93
+}
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> _LaunchConfig:
+def _launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> _LaunchConfig:
+    """kernel in fwd / dkdv / dq; head_dim <= _MAX_HEAD_DIM."""
     if interpreting():
-        return _LaunchConfig(16, 16, 1, 1)
-    if dtype == torch.float32:
-        return _LaunchConfig(32, 32, 4, 1)
-    if head_dim <= 64:
-        return _LaunchConfig(64, 64, 4, 2)
-    return _LaunchConfig(64, 64, 8, 2)
+        return _INTERPRETER
+    head_class = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return _CONFIGS[(kernel, dtype != torch.float32, head_class)]
 
 
 def _kernel_flags(q: torch.Tensor) -> dict:
@@ -409,6 +423,18 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     )
 
 
+_MAX_GRID_X, _MAX_GRID_Y = 2**31 - 1, 65535
+
+
+def _grid(batch: int, max_seqlen: int, block: int, heads: int) -> tuple[int, int]:
+    """(sequences x blocks per sequence, heads): the layout `_sequence_block` decodes."""
+    blocks = triton.cdiv(max(max_seqlen, 1), block)
+    if batch * blocks > _MAX_GRID_X or heads > _MAX_GRID_Y:
+        raise ValueError(f"{OP}: {batch} sequences x {blocks} blocks of {block} tokens or {heads} heads exceed "
+                         "the CUDA grid; split the batch")
+    return blocks, (batch * blocks, heads)
+
+
 def _fwd_launch(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     # q [N, Hq, D], k/v [N, Hkv, D] -> out [N, Hq, D], lse [Hq, N] (float32, base 2)
     n, hq, d = q.shape
@@ -417,10 +443,10 @@ def _fwd_launch(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float
     batch = cu_seqlens.numel() - 1
     if n == 0 or batch == 0:
         return out, lse
-    cfg = _fwd_config(d, q.dtype)
-    grid = (triton.cdiv(max_seqlen, cfg.block_m), batch, hq)
+    cfg = _launch_config("fwd", d, q.dtype)
+    blocks, grid = _grid(batch, max_seqlen, cfg.block_m, hq)
     _varlen_attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, scale * _LOG2E,
+        q, k, v, out, lse, cu_seqlens, blocks, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         GROUP=hq // k.shape[1], CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -442,23 +468,29 @@ def _bwd_launch(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     if do.stride(-1) != 1:
         do = do.contiguous()
     flags = _kernel_flags(q)
-    cfg = _bwd_config(d, q.dtype)
     delta = torch.empty_like(lse)
-    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(n, 64), hq)](
+    rows = 64 if d <= 128 else 32  # 64 x 256 bf16 tiles spill 12 bytes (the audit)
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(n, rows), hq)](
         out, do, delta, n, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
-        HEAD_DIM=d, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"],
+        HEAD_DIM=d, BLOCK_M=rows, BLOCK_D=flags["BLOCK_D"],
     )
-    common = dict(GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
-    _varlen_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n), batch, hkv)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale * _LOG2E, scale, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **common,
+    cfg = _launch_config("dkdv", d, q.dtype)
+    blocks, grid = _grid(batch, max_seqlen, cfg.block_n, hkv)
+    _varlen_attention_bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, blocks, scale * _LOG2E, scale, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+        GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    _varlen_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), batch, hq)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, scale * _LOG2E, scale, *strides,
-        dq.stride(0), dq.stride(1), lse.stride(0), **common,
+    cfg = _launch_config("dq", d, q.dtype)
+    blocks, grid = _grid(batch, max_seqlen, cfg.block_m, hq)
+    _varlen_attention_bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, cu_seqlens, blocks, scale * _LOG2E, scale, *strides,
+        dq.stride(0), dq.stride(1), lse.stride(0),
+        GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
     return dq, dk, dv
 
