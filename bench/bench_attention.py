@@ -11,7 +11,8 @@ Providers:
                          backend on CUDA); padding/repeat of K,V is done once outside the timed region
     sdpa per sequence    one SDPA call per sequence (no padding, B launches)
     flex document mask   FlexAttention with a block mask "same sequence and causal" (CUDA, compiled)
-    torch varlen_attn    torch.nn.attention.varlen.varlen_attn, where the installed torch has it (CUDA)
+    torch varlen_attn    torch.nn.attention.varlen.varlen_attn, where the installed torch has it (CUDA);
+                         also available as ours with impl="torch" (same signature mapping)
     flash-attn varlen    flash_attn.flash_attn_varlen_func, where installed (CUDA)
 
 FLOP count (only the causal work that is needed, the flash-attention convention): a sequence of
@@ -27,7 +28,6 @@ the whole mix, best-fit-decreasing bins against padding every micro-batch to its
 
 from __future__ import annotations
 
-import inspect
 import itertools
 
 import numpy as np
@@ -38,7 +38,7 @@ import wz_kernels
 from bench.checks import REL_TOL, Check, compare, run_check
 from bench.harness import Case, Skipped, optional_peer
 from wz_engine.packing import pack_sequences, packing_efficiency, plan_bins
-from wz_kernels.attention import varlen_attention_reference
+from wz_kernels.attention import torch_varlen_options, varlen_attention_reference
 
 
 def rl_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -143,15 +143,12 @@ def _gpu_peers(lengths, q, k, v, cu, backward, group) -> dict:
 
 
 def _varlen_attn_call(varlen_attn, q, k, v, cu, max_len, group, backward):
-    """(forward callable, tensors to differentiate) for this torch's varlen_attn signature: causality
-    through `window_size=(-1, 0)` (torch >= 2.12) or `is_causal` (2.10); K/V heads repeated to Hq
-    unless it takes `enable_gqa`."""
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-        kr, vr = k, v
-    else:
+    """(forward callable, tensors to differentiate) for this torch's varlen_attn signature, mapped as
+    impl="torch" maps it (`wz_kernels.attention.torch_varlen_options`); where that torch lacks
+    `enable_gqa`, K/V are repeated to Hq heads once here, outside the timed region."""
+    kwargs, _, repeat = torch_varlen_options(True, q.shape[-1] ** -0.5, q.shape[-1], group > 1)
+    kr, vr = k, v
+    if repeat:
         kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_(backward) for t in (k, v))
     return (lambda: varlen_attn(q, kr, vr, cu, cu, max_len, max_len, **kwargs)), (q, kr, vr)
 

@@ -13,11 +13,13 @@ Layers:
     key/value head sum over its query-head group inside one program (no atomics).
   - `wz::varlen_attention_fwd` / `wz::varlen_attention_bwd` torch.library ops with fake kernels and
     autograd, so torch.compile can trace through the Triton path.
-  - `varlen_attention(...)`: the public entry, `impl` in auto / reference / triton / flash_attn.
+  - `varlen_attention(...)`: the public entry, `impl` in auto / reference / triton / torch / flash_attn
+    ("torch": torch's own FlashAttention varlen op, `torch.nn.attention.varlen.varlen_attn`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ import torch
 from ._backend import check_tensor, interpreting, next_power_of_2, resolve_impl, triton_available
 
 OP = "varlen_attention"
-IMPLS = ("auto", "reference", "triton", "flash_attn")
+IMPLS = ("auto", "reference", "triton", "flash_attn", "torch")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -593,6 +595,55 @@ def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
                                   softmax_scale=scale, causal=causal)
 
 
+def torch_varlen_options(causal: bool, scale: float, head_dim: int, grouped: bool) -> tuple[dict, float, bool]:
+    """How to ask this torch's `torch.nn.attention.varlen.varlen_attn` for our semantics.
+
+    Returns (keyword arguments, factor to multiply q by, whether K/V must be repeated to Hq heads).
+    The signature moved between releases: 2.10 takes `is_causal` and no scale (a custom scale is
+    then folded into q), 2.11 `scale` and `window_size` ((-1, 0) is causal), 2.12+ also `enable_gqa`
+    (without it, K/V are repeated to Hq heads: flash's own GQA is not part of that API).
+    """
+    params = inspect.signature(_torch_varlen_attn()).parameters
+    kwargs, q_factor = {}, 1.0
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != head_dim ** -0.5:
+        q_factor = scale * head_dim ** 0.5
+    repeat = grouped and "enable_gqa" not in params
+    if grouped and not repeat:
+        kwargs["enable_gqa"] = True
+    return kwargs, q_factor, repeat
+
+
+def _torch_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise RuntimeError(f"{OP}: impl='torch' needs torch.nn.attention.varlen.varlen_attn (torch >= 2.10); "
+                           f"torch {torch.__version__} has none") from e
+    return varlen_attn
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{OP}: impl='torch' (FlashAttention inside torch) takes fp16/bf16, got {q.dtype}")
+    group = q.shape[1] // k.shape[1]
+    kwargs, q_factor, repeat = torch_varlen_options(causal, scale, q.shape[-1], group > 1)
+    if repeat:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q_factor != 1.0:
+        q = q * q_factor
+    try:
+        return _torch_varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    except NotImplementedError as e:  # e.g. "Could not run 'aten::_flash_attention_forward' ... 'CPU' backend"
+        raise RuntimeError(f"{OP}: impl='torch': torch {torch.__version__}'s varlen_attn has no kernel for "
+                           f"{q.device.type} tensors (FlashAttention is CUDA-only); use impl='auto'") from e
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -615,14 +666,23 @@ def varlen_attention(
         causal: token i of a sequence attends to tokens 0..i of the same sequence; without it, to
             the whole sequence. Attention never crosses a sequence boundary either way.
         softmax_scale: defaults to D ** -0.5.
-        impl: "auto" (Triton on CUDA, reference on CPU), "reference", "triton" (on CPU only under
-            TRITON_INTERPRET=1), or "flash_attn" (flash-attn's `flash_attn_varlen_func`).
+        impl: "auto" (our Triton kernel on CUDA, the reference on CPU), "reference", "triton" (on
+            CPU only under TRITON_INTERPRET=1), "torch" (torch's own
+            `torch.nn.attention.varlen.varlen_attn`, FlashAttention inside torch >= 2.10: CUDA,
+            fp16/bf16; GQA and causality mapped onto whatever signature the installed torch has, see
+            `torch_varlen_options`), or "flash_attn" (flash-attn's `flash_attn_varlen_func`).
+            "auto" keeps our Triton kernel on CUDA until a GPU benchmark table (bench/RESULTS.md,
+            `python -m bench attention --device cuda`, where "torch varlen_attn" is a peer) shows
+            torch's kernel faster; none has been taken yet.
 
     Returns:
         out: [N, Hq, D] in q's dtype. Zero-length sequences and N == 0 are allowed.
 
-    The Triton path supports fp32 (IEEE dots, no TF32), fp16 and bf16 and any head dim up to 256;
-    the reference path also takes float64.
+    The Triton path takes fp32 (IEEE dots, no TF32), fp16 and bf16, any head dim up to 256, any
+    number of sequences and > 2^31 elements (int64 offsets). On CUDA fp32 runs the same kernels with
+    small fp32 tiles: `python -m bench audit` shows them free of register spills for D <= 256 (as
+    are the 16-bit ones); FlashAttention (impl="torch" / "flash_attn") has no fp32 at all. The
+    reference path also takes float64.
     """
     if impl not in IMPLS:
         raise ValueError(f"{OP}: impl={impl!r} is not one of {IMPLS}")
@@ -632,6 +692,8 @@ def varlen_attention(
         raise ValueError(f"{OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
     if impl == "flash_attn":
         return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if impl == "torch":
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     backend = resolve_impl(impl, q.device, op=OP)
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)

@@ -42,10 +42,10 @@ def poisoned_alloc(monkeypatch):
 def _fwd_bwd(q, k, v, do, cu, max_seqlen, causal, impl, **kw):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     if impl == "reference64":
-        out = varlen_attention_reference(q, k, v, cu, causal=causal, upcast=True)
+        out = varlen_attention_reference(q, k, v, cu, causal=causal, upcast=True, **kw)
         do = do.double()
     elif impl == "reference_lowp":
-        out = varlen_attention_reference(q, k, v, cu, causal=causal)
+        out = varlen_attention_reference(q, k, v, cu, causal=causal, **kw)
     else:
         out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, impl=impl, **kw)
     return (out, *torch.autograd.grad(out, (q, k, v), do))
@@ -99,12 +99,57 @@ def test_unequal_query_and_key_blocks(block_m, block_n, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_non_power_of_two_head_dim_and_custom_scale():
-    q, k, v, do, cu = _inputs([6, 13], 2, 1, 48, torch.float32, seed=2)
-    got = _fwd_bwd(q, k, v, do, cu, 16, True, "triton", softmax_scale=0.3)  # max_seqlen may exceed the max
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = varlen_attention_reference(q64, k64, v64, cu, softmax_scale=0.3)
-    assert_close_to_reference(got[0], ref, atol=2e-5, rtol=1e-4)
+@pytest.mark.parametrize(
+    "lengths, hq, hkv, d, causal, scale",
+    [
+        ([6, 13], 2, 1, 40, True, 0.3),  # odd head dim (BLOCK_D 64 masks 24 columns), custom scale, GQA 2
+        ([9, 17], 3, 1, 72, False, 0.05),  # odd head dim, bidirectional, GQA 3, tiny scale
+        ([1, 0, 5, 1, 0, 1], 4, 2, 16, True, 1.7),  # single-token and empty sequences, scale > 1
+        ([1, 1, 0], 2, 2, 24, False, None),  # only single tokens and an empty one, bidirectional
+    ],
+)
+def test_gradients_match_float64_reference(lengths, hq, hkv, d, causal, scale, poisoned_alloc):
+    """out, dq, dk and dv against float64 for the cases a backward can get wrong while the forward is
+    right: the softmax scale (it enters dS and dQ/dK), the head-dim mask on every load and store,
+    GQA sums, and sequences of length 0 and 1."""
+    q, k, v, do, cu = _inputs(lengths, hq, hkv, d, torch.float32, seed=7)
+    kw = {} if scale is None else {"softmax_scale": scale}
+    got = _fwd_bwd(q, k, v, do, cu, max(lengths) + 3, causal, "triton", **kw)  # max_seqlen may exceed the max
+    ref = _fwd_bwd(q, k, v, do, cu, max(lengths), causal, "reference64", **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close_to_reference(a, b, atol=2e-5, rtol=1e-4, name=name)
+
+
+if attn_mod.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _offsets_probe_kernel(TILE, ROWS, CU, head, stride_n, stride_h, stride_row_h,
+                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        start = tl.load(CU)  # int32, as the kernels read cu_seqlens
+        rows = tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        tile = attn_mod._tile_offsets(start, rows, head, stride_n, stride_h, cols)
+        tl.store(TILE + rows[:, None] * BLOCK_D + cols[None, :], tile)
+        tl.store(ROWS + rows, attn_mod._row_offsets(start, rows, head, stride_row_h))
+
+
+@pytest.mark.interpreter
+def test_tile_offsets_do_not_overflow_int32():
+    """The offset helpers every load and store goes through, at values whose int32 products wrap:
+    token 2^28 + r at 16 heads x 128 dims (> 2^31 elements), and head 15 of a head-major view."""
+    start, head, d, heads = 2**28, 15, 128, 16
+    rows, cols = 16, 16
+    tile = torch.zeros(rows, cols, dtype=torch.int64)
+    row_offsets = torch.zeros(rows, dtype=torch.int64)
+    stride_n, stride_h, stride_row_h = heads * d, 2**28, 2**29
+    _offsets_probe_kernel[(1,)](tile, row_offsets, torch.tensor([start], dtype=torch.int32), head, stride_n,
+                                stride_h, stride_row_h, BLOCK_R=rows, BLOCK_D=cols)
+    expected = [[(start + r) * stride_n + head * stride_h + c for c in range(cols)] for r in range(rows)]
+    assert tile.tolist() == expected
+    assert row_offsets.tolist() == [head * stride_row_h + start + r for r in range(rows)]
+    assert max(map(max, expected)) > 2**31  # the case would wrap in int32
 
 
 @pytest.mark.interpreter
@@ -119,6 +164,50 @@ def test_sequences_do_not_interact():
     for a, b in zip(base, moved):
         torch.testing.assert_close(a[10:], b[10:], rtol=0, atol=0)
     assert not torch.allclose(base[0][:10], moved[0][:10])
+
+
+# Stand-ins for torch's CUDA-only varlen_attn with the signatures of three releases (2.10, 2.11,
+# 2.13), computing with the float64 reference: they check how impl="torch" maps causality, the
+# scale and GQA onto each signature, not torch's kernel (the GPU tests run that).
+def _varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert query.shape[1] == key.shape[1], "2.10 documents equal head counts"
+    return varlen_attention_reference(query, key, value, cu_seq_q, causal=is_causal, upcast=True).to(query.dtype)
+
+
+def _varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    assert query.shape[1] == key.shape[1], "2.11 documents equal head counts"
+    assert window_size in ((-1, -1), (-1, 0))
+    return varlen_attention_reference(query, key, value, cu_seq_q, causal=window_size == (-1, 0),
+                                      softmax_scale=scale, upcast=True).to(query.dtype)
+
+
+def _varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert enable_gqa == (query.shape[1] != key.shape[1])
+    return varlen_attention_reference(query, key, value, cu_seq_q, causal=window_size == (-1, 0),
+                                      softmax_scale=scale, upcast=True).to(query.dtype)
+
+
+@pytest.mark.parametrize("release", [_varlen_attn_2_10, _varlen_attn_2_11, _varlen_attn_2_13])
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_impl_maps_each_release_signature(release, causal, monkeypatch):
+    monkeypatch.setattr(attn_mod, "_torch_varlen_attn", lambda: release)
+    q, k, v, do, cu = _inputs([5, 1, 9], 4, 2, 16, torch.float16, seed=8)
+    got = _fwd_bwd(q, k, v, do, cu, 9, causal, "torch", softmax_scale=0.4)
+    ref = _fwd_bwd(q, k, v, do, cu, 9, causal, "reference64", softmax_scale=0.4)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == torch.float16 and a.shape == b.shape
+        assert_close_to_reference(a, b, atol=5e-3, rtol=5e-3, name=name)
+
+
+def test_torch_impl_refuses_what_flash_cannot_run():
+    q, k, v, _, cu = _inputs([3, 4], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="impl='torch'.*fp16/bf16"):
+        varlen_attention(q, k, v, cu, 4, impl="torch")
+    if not torch.cuda.is_available():  # torch's FlashAttention varlen op has no CPU kernel (2.13 checked)
+        with pytest.raises(RuntimeError, match="impl='torch'.*cpu"):
+            varlen_attention(q.half(), k.half(), v.half(), cu, 4, impl="torch")
 
 
 def test_reference_matches_torch_sdpa_per_sequence():
