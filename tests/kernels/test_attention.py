@@ -5,20 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import assert_close_to_reference
+from tests.kernels.attention_helpers import fwd_bwd as _fwd_bwd
+from tests.kernels.attention_helpers import make_inputs as _inputs
+from tests.kernels.attention_helpers import poisoned_alloc  # noqa: F401 (fixture)
 from tests.kernels.interpreter_guard import guard_memory
 from wz_kernels import attention as attn_mod
 from wz_kernels.attention import varlen_attention, varlen_attention_reference
-
-
-def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _inputs(lengths, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
-    return q, k, v, torch.randn(n, hq, d, generator=g).to(dtype), _cu(lengths)
 
 
 @pytest.fixture(autouse=True)
@@ -31,26 +23,6 @@ def bounds_checked():
         yield
 
 
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    """Every buffer the op allocates starts as NaN, so an element a kernel forgets to write fails."""
-    empty_like, empty = torch.empty_like, torch.empty
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
-
-
-def _fwd_bwd(q, k, v, do, cu, max_seqlen, causal, impl, **kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    if impl == "reference64":
-        out = varlen_attention_reference(q, k, v, cu, causal=causal, upcast=True, **kw)
-        do = do.double()
-    elif impl == "reference_lowp":
-        out = varlen_attention_reference(q, k, v, cu, causal=causal, **kw)
-    else:
-        out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, impl=impl, **kw)
-    return (out, *torch.autograd.grad(out, (q, k, v), do))
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize(
     "lengths, hq, hkv, d, causal",
@@ -61,7 +33,8 @@ def _fwd_bwd(q, k, v, do, cu, max_seqlen, causal, impl, **kw):
         ([9, 14, 2], 2, 2, 128, True),
     ],
 )
-def test_triton_matches_float64_reference(lengths, hq, hkv, d, causal, poisoned_alloc):
+@pytest.mark.usefixtures("poisoned_alloc")
+def test_triton_matches_float64_reference(lengths, hq, hkv, d, causal):
     q, k, v, do, cu = _inputs(lengths, hq, hkv, d, torch.float32)
     got = _fwd_bwd(q, k, v, do, cu, max(lengths), causal, "triton")
     ref = _fwd_bwd(q, k, v, do, cu, max(lengths), causal, "reference64")
@@ -72,7 +45,8 @@ def test_triton_matches_float64_reference(lengths, hq, hkv, d, causal, poisoned_
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision_within_twice_torch_error(dtype, poisoned_alloc):
+@pytest.mark.usefixtures("poisoned_alloc")
+def test_triton_low_precision_within_twice_torch_error(dtype):
     lengths, hq, hkv, d = [11, 26], 2, 1, 64
     q, k, v, do, cu = _inputs(lengths, hq, hkv, d, dtype, seed=1)
     got = _fwd_bwd(q, k, v, do, cu, 26, True, "triton")
@@ -108,7 +82,8 @@ def test_unequal_query_and_key_blocks(block_m, block_n, monkeypatch):
         ([1, 1, 0], 2, 2, 24, False, None),  # only single tokens and an empty one, bidirectional
     ],
 )
-def test_gradients_match_float64_reference(lengths, hq, hkv, d, causal, scale, poisoned_alloc):
+@pytest.mark.usefixtures("poisoned_alloc")
+def test_gradients_match_float64_reference(lengths, hq, hkv, d, causal, scale):
     """out, dq, dk and dv against float64 for the cases a backward can get wrong while the forward is
     right: the softmax scale (it enters dS and dQ/dK), the head-dim mask on every load and store,
     GQA sums, and sequences of length 0 and 1."""
@@ -276,19 +251,3 @@ def test_float64_refused_by_triton_and_flash_attn_missing_is_clear():
     except ImportError:
         with pytest.raises(RuntimeError, match="flash-attn"):
             varlen_attention(q, k, v, cu, 3, impl="flash_attn")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("impl", ["triton", "flash_attn"])
-def test_gpu_realistic_shapes(dtype, impl):
-    """RL-like lengths at the production head dim and GQA ratio, fwd+bwd, 2x-torch rule."""
-    if impl == "flash_attn":
-        pytest.importorskip("flash_attn")
-    lengths = [1, 37, 500, 1500, 129]
-    q, k, v, do, cu = (t.cuda() for t in _inputs(lengths, 16, 4, 128, dtype, seed=5))
-    got = _fwd_bwd(q, k, v, do, cu, max(lengths), True, impl)
-    torch_lowp = _fwd_bwd(q, k, v, do, cu, max(lengths), True, "reference_lowp")
-    ref = _fwd_bwd(q, k, v, do, cu, max(lengths), True, "reference64")
-    for name, a, t, b in zip(("out", "dq", "dk", "dv"), got, torch_lowp, ref):
-        assert_close_to_reference(a, b, t, atol=1e-3, name=name)
