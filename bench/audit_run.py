@@ -65,7 +65,8 @@ def main(out_path: str) -> int:
     ptxas = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True, check=True).stdout
     report = {"launches": launches, "errors": errors, "uncovered": sorted(set(entry_kernels()) - compiled),
               "triton": triton.__version__, "torch": torch.__version__,
-              "ptxas": ptxas.strip().splitlines()[-1].split()[-1]}
+              "ptxas": next((line.split("release")[-1].strip(" ,") for line in ptxas.splitlines()
+                             if "release" in line), ptxas.strip())}
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1, default=str)
     return 0

@@ -1,6 +1,7 @@
 """Packed-sequence attention for transformers models, through transformers' own registries.
 
     import wz_engine.attention                      # registers "wz_varlen" (impl="auto")
+    register_wz_attention("wz_varlen_torch", impl="torch")   # torch's own FlashAttention varlen op
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="wz_varlen")
     out = model(**packed.model_inputs())            # packed: wz_engine.packing.PackedRLBatch
 
