@@ -5,7 +5,8 @@ tensors, so the shapes are the real ones (logits tiles of 883 x 151936, 2^24 pol
 at no memory cost. A case calls the same private launcher the public op calls on CUDA, so the
 block sizes, warps, stages and constexpr flags are the ones production picks.
 
-Shapes (issue 11): logprob N=16384, H=4096, V=151936 and 128256 in bf16 and fp32; policy loss
+Shapes (issue 11): logprob N=16384, H=4096, V=151936 and 128256 in bf16 and fp32 (the d weight
+float32-accumulation kernel in bf16 and fp16, the dtypes it serves); policy loss
 N=2^24; advantages B=16384; attention Hq/Hkv 16/4 and 32/8, D 64 and 128, causal and not, bf16,
 fp16 and fp32, forward and backward, on a 64k-token packed batch.
 """
@@ -94,12 +95,32 @@ def _logprob_run(vocab: int, dtype: torch.dtype, with_entropy: bool):
     return run
 
 
+def _dweight_run(vocab: int, dtype: torch.dtype):
+    """One chunk's d weight update into a float32 accumulator (grad_accum_dtype=torch.float32)."""
+    logprob = importlib.import_module("wz_kernels.logprob")
+
+    def run():
+        hidden = _empty(LOGPROB_TOKENS, LOGPROB_HIDDEN, dtype=dtype)
+        weight = _empty(vocab, LOGPROB_HIDDEN, dtype=dtype)
+        plan = logprob._plan(hidden, weight, None, torch.float32, upcast=False, reference=False)
+        acc = _empty(vocab, LOGPROB_HIDDEN, dtype=plan.grad_accum_dtype)
+        dlogits = _empty(plan.chunk_size, vocab, dtype=plan.compute_dtype)
+        logprob._accumulate_weight_grad(acc, dlogits, _empty(plan.chunk_size, LOGPROB_HIDDEN, dtype=dtype))
+
+    return run
+
+
 def logprob_cases() -> list[AuditCase]:
-    return [
-        AuditCase("logprob", f"N={LOGPROB_TOKENS} H={LOGPROB_HIDDEN} V={vocab}{' +entropy' if ent else ''}",
+    shape = f"N={LOGPROB_TOKENS} H={LOGPROB_HIDDEN}"
+    epilogues = [
+        AuditCase("logprob", f"{shape} V={vocab}{' +entropy' if ent else ''}",
                   dtype, _logprob_run(vocab, dtype, ent), dtype in LOW_PRECISION)
         for vocab in LOGPROB_VOCABS for dtype in (torch.bfloat16, torch.float32) for ent in (False, True)
     ]
+    dweight = [AuditCase("logprob", f"{shape} V={vocab} d weight fp32 accumulation", dtype,
+                         _dweight_run(vocab, dtype), True)
+               for vocab in LOGPROB_VOCABS for dtype in LOW_PRECISION]
+    return epilogues + dweight
 
 
 # ----------------------------------------------------------------------------- policy loss
