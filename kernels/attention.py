@@ -82,6 +82,10 @@ if triton_available():
     # Every tile load and store goes through `_tile_offsets`: element offsets are computed in int64,
     # because cu_seqlens is int32 and (start + row) * stride_n passes 2^31 once tokens x Hq x D does
     # (~1M tokens at Hq=16, D=128), and head * stride_h can too when q is a [B, H, L, D] view.
+    # Every lane of a load is either in bounds or masked, including rows that are never stored: an
+    # over-read there leaves every output right (the numeric tests pass) but reads past the tensor,
+    # which the interpreter does on raw host addresses (a segfault when the page is unmapped).
+    # tests/kernels/interpreter_guard.py checks every interpreted access of the attention tests.
     #
     # Every kernel walks its key (or query) blocks in two kinds of step: MASKED steps check sequence
     # ends and the causal diagonal, unmasked steps (blocks wholly inside the sequence and wholly
