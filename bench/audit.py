@@ -21,7 +21,7 @@ environment's); the compile runs in a child process with that directory first on
 TRITON_INTERPRET unset. Set WZ_AUDIT_TRITON_DIR to keep it elsewhere.
 
     python -m bench audit --setup      # once per machine (~30 s, ~650 MB)
-    python -m bench audit              # ~1-3 min cold on 2 cores, seconds with Triton's cache warm
+    python -m bench audit              # ~1.5 min cold on 2 busy cores, seconds with Triton's cache warm
 """
 
 from __future__ import annotations
