@@ -114,6 +114,110 @@ def test_invalid_verdicts_give_zero_and_are_counted():
     assert everything_bad.stats["judge/invalid_rate"] == 1.0
 
 
+class BehaviourJudge:
+    """Verdicts scripted by the challenger's behaviour. It is told each prompt's reference (drawn for
+    that prompt's uid alone) and records every request that does not pair a challenger with it."""
+
+    WIN_A, WIN_B, TIE, INVALID = Verdict(8.0, 2.0, True), Verdict(2.0, 8.0, True), Verdict(5.0, 5.0, True), \
+        Verdict(None, None, False, raw="garbage")
+
+    def __init__(self, reference_of_prompt: dict, behaviour: dict):
+        self.reference_of_prompt, self.behaviour = reference_of_prompt, behaviour
+        self.calls = dict.fromkeys(behaviour, 0)  # verdicts asked per response
+        self.wrong_pairs = []
+
+    def judge(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, r):
+        ref = self.reference_of_prompt[r.prompt]
+        if ref not in (r.response_a, r.response_b) or r.response_a == r.response_b:
+            self.wrong_pairs.append((r.prompt, r.response_a, r.response_b))
+            return self.INVALID
+        challenger_first = r.response_a != ref
+        challenger = r.response_a if challenger_first else r.response_b
+        n = self.calls[challenger]  # this challenger's n-th verdict (2 orders x votes in all)
+        self.calls[challenger] += 1
+        challenger_wins = self.WIN_A if challenger_first else self.WIN_B
+        reference_wins = self.WIN_B if challenger_first else self.WIN_A
+        kind = self.behaviour[challenger]
+        if kind == "invalid" or (kind == "win_one_invalid" and n == 2) or (kind == "lose_one_invalid" and n == 0):
+            return self.INVALID
+        if kind in ("win", "win_one_invalid"):
+            return challenger_wins
+        if kind in ("lose", "lose_one_invalid"):
+            return reference_wins
+        if kind == "biased":  # the first shown wins: the challenger wins one order, loses the other
+            return self.WIN_A
+        assert kind == "split"  # wins the first vote of each order, ties the second: valid, not a win
+        return challenger_wins if n % 2 == 0 else self.TIE
+
+
+# Several prompts, G = 5, votes = 2. The uids are chosen so that the references differ between prompts
+# and none is row 0 of its group (asserted below): a reference flag without its group offset, or one
+# reference reused for every prompt, then shows.
+SEED, STEP, G5, VOTES = 0, 3, 5, 2
+UIDS = [11, 5, 7]
+BEHAVIOURS = [["win", "lose", "win_one_invalid", "biased"],
+              ["lose_one_invalid", "win", "biased", "lose"],
+              ["invalid", "split", "win", "lose"]]
+# Hand-computed rewards per behaviour: +1 only on winning all 4 comparisons, -1 on losing all 4, 0 if ANY
+# verdict is invalid, mixed results -1 ("lose") or 0 ("tie").
+REWARD = {"lose": {"win": 1.0, "lose": -1.0, "win_one_invalid": 0.0, "lose_one_invalid": 0.0, "invalid": 0.0,
+                   "biased": -1.0, "split": -1.0},
+          "tie": {"win": 1.0, "lose": -1.0, "win_one_invalid": 0.0, "lose_one_invalid": 0.0, "invalid": 0.0,
+                  "biased": 0.0, "split": 0.0}}
+
+
+def _multi_prompt_case(order):
+    """prompts / groups / uids in the given prompt order, the judge, and per uid: (reference index,
+    expected rewards [G5] for each `inconsistent` mode)."""
+    refs = {uid: draw_references([uid], G5, SEED, STEP)[0] for uid in UIDS}  # one prompt at a time
+    assert len(set(refs.values())) == len(UIDS) and 0 not in refs.values()
+    groups, behaviour, expected = {}, {}, {}
+    for uid, kinds in zip(UIDS, BEHAVIOURS):
+        groups[uid] = [f"prompt {uid} response {j}" for j in range(G5)]
+        challengers = [j for j in range(G5) if j != refs[uid]]
+        behaviour.update({groups[uid][j]: kind for j, kind in zip(challengers, kinds)})
+        behaviour[groups[uid][refs[uid]]] = "reference"
+        expected[uid] = {mode: [0.0 if j == refs[uid] else table[behaviour[groups[uid][j]]] for j in range(G5)]
+                         for mode, table in REWARD.items()}
+    judge = BehaviourJudge({f"prompt {uid}": groups[uid][refs[uid]] for uid in UIDS}, behaviour)
+    uids = [UIDS[i] for i in order]
+    return [f"prompt {u}" for u in uids], [groups[u] for u in uids], uids, judge, refs, expected
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)])
+@pytest.mark.parametrize("inconsistent", ["lose", "tie"])
+def test_several_prompts_votes_mixed_invalid_and_references_keyed_by_uid(order, inconsistent):
+    prompts, groups, uids, judge, refs, expected = _multi_prompt_case(order)
+    out = assemble_brpo_rewards(judge, prompts, groups, uids, step=STEP, seed=SEED, votes=VOTES,
+                                inconsistent=inconsistent)
+    assert judge.wrong_pairs == []  # every request paired a challenger with ITS prompt's reference
+    # each challenger judged 2 orders x votes times, the references never as challengers
+    assert {r: n for r, n in judge.calls.items() if judge.behaviour[r] != "reference"} == \
+        {r: 2 * VOTES for r, kind in judge.behaviour.items() if kind != "reference"}
+    rewards, is_ref = out.rewards.view(len(uids), G5), out.is_reference.view(len(uids), G5)
+    for p, uid in enumerate(uids):  # row p*G + j is prompt p, sample j, wherever the prompt sits
+        assert rewards[p].tolist() == expected[uid][inconsistent], (uid, p)
+        assert is_ref[p].tolist() == [j == refs[uid] for j in range(G5)], (uid, p)
+    n_verdicts = len(UIDS) * (G5 - 1) * 2 * VOTES
+    assert out.stats["judge/num_verdicts"] == n_verdicts
+    assert out.stats["judge/invalid_rate"] == pytest.approx((1 + 1 + 4) / n_verdicts)  # one, one, all four
+    n_inconsistent = sum(kind in ("biased", "split") for kinds in BEHAVIOURS for kind in kinds)
+    assert out.stats["judge/inconsistent_rate"] == pytest.approx(n_inconsistent / (len(UIDS) * (G5 - 1)))
+
+
+def test_one_invalid_verdict_among_valid_wins_or_losses_gives_zero():
+    """A single invalid verdict voids the challenger: a row that would otherwise win (or lose) scores 0."""
+    prompts, groups, uids, judge, _, _ = _multi_prompt_case((0, 1, 2))
+    out = assemble_brpo_rewards(judge, prompts, groups, uids, step=STEP, seed=SEED, votes=VOTES)
+    by_kind = {judge.behaviour[r]: float(out.rewards[p * G5 + j])
+               for p, g in enumerate(groups) for j, r in enumerate(g)}
+    assert by_kind["win_one_invalid"] == 0.0 and by_kind["lose_one_invalid"] == 0.0
+    assert by_kind["win"] == 1.0 and by_kind["lose"] == -1.0
+
+
 def _advantages(estimator, rewards, group_ids, skew_threshold=0.6):
     cfg = AlgorithmConfig(estimator=estimator, skew_threshold=skew_threshold)
     n = len(rewards)

@@ -200,6 +200,22 @@ def test_kl_penalty_hand_computed(name, want):
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, want", [
+    ("k1", [1.0, 1.0, 1.0]),
+    ("abs", [1.0, -1.0, 1.0]),
+    ("k2", [1.0, -1.0, 30.0]),
+    ("low_var_kl", [1.0 - math.exp(-1.0), 1.0 - math.e, 0.0]),  # 1 - exp(-d); 0 where the clamp holds
+    ("k1+", [1.0, -1.0, 30.0]),  # "+": the k2 gradient d whatever the value
+    ("k3+", [1.0, -1.0, 30.0]),
+])
+def test_kl_penalty_gradient_hand_computed(name, want):
+    """d estimate / d logp by hand at d = 1, -1, 30 (independent of the transcription above)."""
+    logp = torch.tensor([-1.0, -2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-2.0, -1.0, -30.0], dtype=torch.float64)
+    wz_verl.kl_penalty(logp, ref, name).sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
 def uids(kind, b):
     groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3][:b]  # group 2 is a singleton
     if kind == "str":

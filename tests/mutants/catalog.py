@@ -42,6 +42,7 @@ T_LOGP = "tests/kernels/test_logprob.py"
 T_ATTN = "tests/kernels/test_attention.py"
 T_PACK = "tests/engine/test_packing.py"
 T_UPDATE = "tests/engine/test_update.py"
+T_ROWS = "tests/engine/test_train_rows.py"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ BRPO reward assembly
@@ -88,6 +89,18 @@ MUTANTS: list[Mutant] = [
            "        return ~is_reference\n", "        return torch.ones_like(is_reference, dtype=torch.bool)\n",
            "the BRPO reference rollout (A = 0) stays in the loss and dilutes every normaliser",
            (T_BRPO,)),
+    Mutant("trainer-reference-keyed-by-batch-position", "wz_engine/trainer.py",
+           "texts, [p.uid for p in prompts],", "texts, list(range(len(prompts))),",
+           "the trainer draws references by the prompt's batch position, not its uid",
+           (T_ROWS,)),
+    Mutant("trainer-group-rows-misaligned", "wz_engine/trainer.py",
+           "rows = slice(i * G, (i + 1) * G)", "rows = slice(i, i + G)",
+           "the trainer hands group i the rows starting at i instead of i * G",
+           (T_ROWS,)),
+    Mutant("trainer-reference-kept-in-loss", "wz_engine/trainer.py",
+           "in_loss = loss_rows(a.estimator, is_ref, a.keep_reference)", "in_loss = loss_rows(a.estimator, is_ref, True)",
+           "the trainer ignores algorithm.keep_reference = false: references train with A = 0",
+           (T_ROWS,)),
     # ------------------------------------------------------------------ group advantages
     Mutant("adv-rloo-singleton-keeps-reward", ADV,
            '"rloo": _Rule(divide_by_std=False, leave_one_out=True, singleton_keeps_reward=False)',
@@ -194,4 +207,54 @@ MUTANTS: list[Mutant] = [
            "torch.unique(b.token_sequence_index[m]).numel()", "b.sequence_index.numel()",
            "the global sequence count includes rows left out of the loss (BRPO references)",
            (T_UPDATE,)),
+    Mutant("update-grad-accum-tokens-per-micro-batch", UPDATE,
+           "global_tokens=ub.global_tokens, global_seqs=ub.global_seqs)", "global_tokens=None, global_seqs=ub.global_seqs)",
+           "token-mean is normalised per micro-batch, not by the step's global token count",
+           (f"{T_UPDATE}::test_accumulated_micro_batch_gradients_equal_the_whole_batch_oracle",)),
+    Mutant("update-grad-accum-seqs-per-micro-batch", UPDATE,
+           "global_tokens=ub.global_tokens, global_seqs=ub.global_seqs)", "global_tokens=ub.global_tokens, global_seqs=None)",
+           "seq-mean modes are normalised per micro-batch, not by the step's global sequence count",
+           (f"{T_UPDATE}::test_accumulated_micro_batch_gradients_equal_the_whole_batch_oracle",)),
+    Mutant("tis-ratio-inverted", "wz_engine/rollout/correction.py",
+           "trainer_logp.detach().to(dtype) - engine_logp.detach().to(dtype)",
+           "engine_logp.detach().to(dtype) - trainer_logp.detach().to(dtype)",
+           "truncated IS weighs by pi_engine / pi_old instead of pi_old / pi_engine",
+           ("tests/engine/test_vllm_correction.py",)),
+    # ------------------------------------------------------------------ checkpoints
+    Mutant("ckpt-numpy-rng-not-restored", "wz_engine/checkpoint.py",
+           '    np.random.set_state(state["numpy"])\n', "",
+           "a resumed run does not restore numpy's RNG state",
+           ("tests/engine/test_checkpoint.py::test_checkpoint_restores_every_rng_state",)),
+    Mutant("ckpt-torch-rng-not-restored", "wz_engine/checkpoint.py",
+           '    torch.set_rng_state(state["torch"])\n', "",
+           "a resumed run does not restore torch's CPU RNG state",
+           ("tests/engine/test_checkpoint.py::test_checkpoint_restores_every_rng_state",)),
+    # ------------------------------------------------------------------ weight sync
+    Mutant("sync-bucket-size-forgets-alignment-padding", "wz_engine/sync/bucket.py",
+           "current.nbytes = offset + nbytes", "current.nbytes += nbytes",
+           "a bucket's size forgets the alignment padding: later slots overlap earlier ones",
+           ("tests/engine/test_weight_sync.py",)),
+    Mutant("sync-bucket-unaligned-offsets", "wz_engine/sync/bucket.py",
+           "offset = _align(current.nbytes, alignment)", "offset = current.nbytes",
+           "bucket slots start unaligned (views in place break for wider dtypes)",
+           ("tests/engine/test_weight_sync.py",)),
+    # ------------------------------------------------------------------ judge parser
+    Mutant("parser-accepts-a-second-final-line", "wz_engine/judge/parser.py",
+           '    if len(matches) > 1:\n        return ParsedVerdict(None, "multiple_verdicts")\n',
+           "    matches = matches[-1:]  # the judge's last word counts\n",
+           "the parser takes the last of several verdict lines instead of refusing to guess",
+           ("tests/engine/test_judge_parser.py",)),
+    Mutant("parser-accepts-out-of-range-scores", "wz_engine/judge/parser.py",
+           "lo <= s <= hi for s in scores", "lo <= s for s in scores",
+           "scores above the scale's maximum are accepted",
+           ("tests/engine/test_judge_parser.py",)),
+    # ------------------------------------------------------------------ DAPO
+    Mutant("dapo-dynamic-sampling-drops-any-zero", "wz_engine/rewards/dapo.py",
+           "if bool((advantages[rows] == 0).all()):", "if bool((advantages[rows] == 0).any()):",
+           "dynamic sampling drops a group when ANY advantage is zero, not when all are",
+           ("tests/engine/test_rewards.py",)),
+    Mutant("dapo-overlong-penalty-uncapped", "wz_engine/rewards/dapo.py",
+           ".clamp(min=0, max=buffer)", ".clamp(min=0)",
+           "the overlong penalty keeps growing past -penalty beyond max_new_tokens",
+           ("tests/engine/test_rewards.py",)),
 ]

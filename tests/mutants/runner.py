@@ -90,14 +90,14 @@ _IMPORT_CHECK = "import wz_engine, wz_kernels; print(wz_engine.__file__); print(
 
 def _check_imports_from(copy: Path, env: dict) -> None:
     out = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], cwd=copy, env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     files = out.stdout.split()
     if out.returncode != 0 or len(files) != 2 or not all(Path(f).resolve().is_relative_to(copy.resolve())
                                                          for f in files):
         raise RuntimeError(f"the copy's packages are not the ones imported: {out.stdout} {out.stderr[-2000:]}")
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
 
 
 def run_selection(copy: Path, tests: tuple[str, ...], timeout: float, env: dict) -> tuple[int | None, str]:
