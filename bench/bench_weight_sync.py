@@ -24,8 +24,9 @@ from bench.harness import Case
 from wz_engine.sync import ModuleWeightSource, WeightSyncer, hf_param_name
 
 
-def transformer_like(layers: int, hidden: int, vocab: int, device: str) -> torch.nn.Module:
+def transformer_like(layers: int, hidden: int, vocab: int, device: str, seed: int = 0) -> torch.nn.Module:
     """Parameters with the shapes of a Llama-style decoder (no forward needed)."""
+    torch.manual_seed(seed)
     inter = 3 * hidden
     root = torch.nn.Module()
     root.embed = torch.nn.Parameter(torch.randn(vocab, hidden, device=device))
@@ -90,7 +91,6 @@ def expected(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def cases(device: str, size: str) -> list[Case]:
     out = []
     for layers, hidden, vocab in _shapes(size == "quick"):
-        torch.manual_seed(0)
         model = transformer_like(layers, hidden, vocab, device)
         numel = sum(p.numel() for p in model.parameters())
         bucket = 16 * 2**20 if size != "quick" else 2**20

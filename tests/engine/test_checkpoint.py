@@ -65,7 +65,7 @@ def test_resume_is_bit_identical_and_export_loads(tmp_path):
 
 
 def _draws():
-    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()  # global RNG on purpose
 
 
 def test_checkpoint_restores_every_rng_state(tmp_path):

@@ -141,7 +141,7 @@ def test_hand_computed_case(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_matches_python_loop(impl, agg):
-    b = make_batch(61, 5, seed=hash(agg) % 1000, scale=0.6)
+    b = make_batch(61, 5, seed=100 + AGG_MODES.index(agg), scale=0.6)  # hash(str) changes per process
     b["logp"][:3] = b["old"][:3] + torch.tensor([50.0, -50.0, 20.0], dtype=torch.float64)  # log-ratio clamp
     cfg = dict(clip_low=0.2, clip_high=0.28, dual_clip=2.0, kl_coef=0.05)
     for est in KL_ESTIMATORS:
@@ -297,7 +297,8 @@ def test_micro_batch_accumulation_identity(impl, agg):
     global_tokens = b["mask"].sum().item()
     global_seqs = b["seq"][b["mask"]].unique().numel()
     total_loss, total_grad = 0.0, torch.zeros_like(big_grad)
-    for part in torch.tensor_split(seq_values[torch.randperm(len(seq_values))], 3):
+    order = torch.randperm(len(seq_values), generator=torch.Generator().manual_seed(18))
+    for part in torch.tensor_split(seq_values[order], 3):
         sel = torch.isin(b["seq"], part)
         micro = {k: v[sel] for k, v in b.items()}
         loss, grad, _ = run(impl, micro, kl_coef=0.1, global_tokens=global_tokens, global_seqs=global_seqs,

@@ -16,7 +16,7 @@ def _mixed(gen):
     return [
         torch.randn(7, 13, generator=gen),
         torch.randn(1, generator=gen).to(torch.bfloat16),
-        torch.randn(()).to(torch.float16),
+        torch.randn((), generator=gen).to(torch.float16),
         torch.empty(0, 5),
         torch.randn(5, 9, generator=gen).t(),
         torch.randint(-5, 5, (11,), generator=gen, dtype=torch.int64),
@@ -108,7 +108,7 @@ def test_cuda_extension_matches_torch():
         pytest.fail("a CUDA toolchain is present but wz_kernels._C is missing: the extension build failed or "
                     "was skipped (build isolation hides torch: pip install --no-build-isolation -e .)")
     gen = torch.Generator().manual_seed(3)
-    srcs = [t.cuda() for t in _mixed(gen)] + [torch.randn(70_001, device="cuda")]  # > 1 chunk, odd tail
+    srcs = [t.cuda() for t in _mixed(gen)] + [torch.randn(70_001, generator=gen).cuda()]  # > 1 chunk, odd tail
     targets = [torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float64, torch.int64,
                torch.bfloat16, torch.bool, torch.bfloat16]
     ref = [torch.empty(s.shape, dtype=dt, device="cuda") for s, dt in zip(srcs, targets)]
