@@ -148,14 +148,6 @@ def all_gather_object(obj) -> list:
     return [obj]
 
 
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

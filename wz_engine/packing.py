@@ -142,14 +142,22 @@ def pack_sequences(sequences: Sequence[TokenSeq], max_tokens: int) -> list[Packe
     return batches
 
 
-def unpack(batches: Sequence[PackedBatch], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-token outputs of each bin ([N_bin, ...] each) -> per-sequence tensors in the original order."""
+def unpack(batches: Sequence[PackedBatch], values: Sequence[torch.Tensor], *,
+           responses_only: bool = False) -> list[torch.Tensor]:
+    """Per-token outputs of each bin ([N_bin, ...] each) -> per-sequence tensors in the original order.
+
+    responses_only (bins from `pack_rl_batch`): per-response [R_i, ...] tensors instead, the values at
+    each sequence's scored positions (see PackedRLBatch.gather_responses).
+    """
     if len(batches) != len(values):
         raise ValueError(f"got {len(values)} value tensors for {len(batches)} packed batches")
     total = sum(int(b.sequence_index.numel()) for b in batches)
     out: list[torch.Tensor | None] = [None] * total
     for batch, vals in zip(batches, values):
-        for i, piece in zip(batch.sequence_index.tolist(), batch.split(vals)):
+        if responses_only and not isinstance(batch, PackedRLBatch):
+            raise ValueError("unpack: responses_only needs PackedRLBatch bins (from pack_rl_batch)")
+        pieces = batch.gather_responses(vals) if responses_only else batch.split(vals)
+        for i, piece in zip(batch.sequence_index.tolist(), pieces):
             if i >= total or out[i] is not None:
                 raise ValueError(f"sequence {i} appears more than once or out of range in the packed batches")
             out[i] = piece
@@ -259,14 +267,3 @@ def pack_rl_batch(prompts: Sequence[TokenSeq], responses: Sequence[TokenSeq], ma
                                  prompt_lengths=torch.tensor([prompt_ids[i].numel() for i in members])))
     return out
 
-
-def unpack_responses(batches: Sequence[PackedRLBatch], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-token values of each bin ([N_bin] each) -> per-response [R_i] tensors in the original order."""
-    if len(batches) != len(values):
-        raise ValueError(f"got {len(values)} value tensors for {len(batches)} packed batches")
-    total = sum(int(b.sequence_index.numel()) for b in batches)
-    out: list[torch.Tensor | None] = [None] * total
-    for batch, vals in zip(batches, values):
-        for i, piece in zip(batch.sequence_index.tolist(), batch.gather_responses(vals)):
-            out[i] = piece
-    return out  # type: ignore[return-value]

@@ -13,7 +13,6 @@ from wz_engine.packing import (
     pad_sequences,
     plan_bins,
     unpack,
-    unpack_responses,
 )
 
 
@@ -69,7 +68,7 @@ def test_rl_batch_hand_computed():
     assert batch.targets.tolist() == [2, 3, 4, 5, 0, 8, 9, 10, 0]
     assert batch.loss_mask.tolist() == [False, False, True, True, False, True, True, True, False]
     assert [t.tolist() for t in batch.gather_responses(batch.targets)] == [[4, 5], [8, 9, 10]]
-    assert [t.tolist() for t in unpack_responses([batch], [batch.targets])] == responses
+    assert [t.tolist() for t in unpack([batch], [batch.targets], responses_only=True)] == responses
     sampler_logp = [torch.tensor([-0.5, -0.25]), torch.tensor([-1.0, -2.0, -3.0])]
     assert batch.scatter_responses(sampler_logp).tolist() == [0, 0, -0.5, -0.25, 0, -1.0, -2.0, -3.0, 0]
     assert batch.per_token(torch.tensor([10.0, 20.0])).tolist() == [10.0] * 5 + [20.0] * 4
@@ -86,7 +85,7 @@ def test_rl_batch_targets_and_mask(shape):
     responses = [torch.randint(1, 100, (r,), generator=g) for _, r in shape]
     batches = pack_rl_batch(prompts, responses, max_tokens=20)
     assert sum(int(b.loss_mask.sum()) for b in batches) == sum(r for _, r in shape)
-    back = unpack_responses(batches, [b.targets for b in batches])
+    back = unpack(batches, [b.targets for b in batches], responses_only=True)
     assert all(torch.equal(a, b) for a, b in zip(back, responses))
     for b in batches:
         last = b.cu_seqlens[1:].long() - 1
@@ -128,3 +127,20 @@ def test_bad_rl_inputs():
     (batch,) = pack_rl_batch([[1]], [[2, 3]], 8)
     with pytest.raises(ValueError, match="expected 2"):
         batch.scatter_responses([torch.zeros(3)])
+
+
+@pytest.mark.parametrize("responses_only", [False, True])
+def test_unpack_refuses_bins_that_do_not_cover_each_sequence_once(responses_only):
+    batches = pack_rl_batch([[1], [2, 3], [4]], [[5], [6], [7, 8]], max_tokens=3)
+    assert len(batches) == 3
+    values = [b.targets for b in batches]
+    with pytest.raises(ValueError, match="appears more than once or out of range"):
+        unpack([batches[0], batches[0], batches[1]], values, responses_only=responses_only)
+    with pytest.raises(ValueError, match="2 value tensors for 3 packed batches"):
+        unpack(batches, values[:2], responses_only=responses_only)
+    third = next(b for b in batches if b.sequence_index.tolist() == [2])
+    with pytest.raises(ValueError, match="out of range"):  # one bin holding sequence 2 of 1
+        unpack([third], [third.targets], responses_only=responses_only)
+    if responses_only:
+        with pytest.raises(ValueError, match="responses_only needs PackedRLBatch"):
+            unpack(pack_sequences([[1, 2]], 4), [torch.zeros(2)], responses_only=True)
