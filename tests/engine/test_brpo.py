@@ -206,6 +206,9 @@ def test_several_prompts_votes_mixed_invalid_and_references_keyed_by_uid(order, 
     assert out.stats["judge/invalid_rate"] == pytest.approx((1 + 1 + 4) / n_verdicts)  # one, one, all four
     n_inconsistent = sum(kind in ("biased", "split") for kinds in BEHAVIOURS for kind in kinds)
     assert out.stats["judge/inconsistent_rate"] == pytest.approx(n_inconsistent / (len(UIDS) * (G5 - 1)))
+    # order agreement per (prompt, challenger) pair: the all-invalid challenger has no valid verdict;
+    # "biased" and "split" (a win and a tie) disagree; the rest agree (their valid verdicts name one winner)
+    assert out.stats["judge/order_agreement"] == pytest.approx((3 + 3 + 2) / (4 + 4 + 3))
 
 
 def test_one_invalid_verdict_among_valid_wins_or_losses_gives_zero():

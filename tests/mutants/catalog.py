@@ -76,6 +76,10 @@ MUTANTS: list[Mutant] = [
            "a, b = (group[i], group[ref])",
            "the swapped order is never judged (position bias goes uncorrected)",
            (T_BRPO,)),
+    Mutant("brpo-judge-pairs-keyed-without-prompt", BRPO,
+           "JudgementRecord(v, pair_id=(p, i), swapped=order == 1)", "JudgementRecord(v, pair_id=i, swapped=order == 1)",
+           "judge order agreement merges the same challenger index across prompts",
+           (T_BRPO,)),
     Mutant("brpo-skew-filter-direction", ADV,
            "dropped = total.abs() > torch.tensor(skew_threshold, dtype=torch.float32) * count",
            "dropped = total.abs() <= torch.tensor(skew_threshold, dtype=torch.float32) * count",
@@ -184,6 +188,17 @@ MUTANTS: list[Mutant] = [
            "dtype=torch.bool, device=q.device).triu(1)", "dtype=torch.bool, device=q.device).triu(2)",
            "the reference's causal mask lets each token see the next one",
            (f"{T_ATTN}::test_reference_matches_torch_sdpa_per_sequence",)),
+    Mutant("attn-causal-mask-off-by-one-kernel", ATTN,
+           'keep = keep & (offs_m[:, None] >= offs_kn[None, :])\n                s = tl.where(keep, s, float("-inf"))\n'
+           "            # Every valid row",
+           'keep = keep & (offs_m[:, None] > offs_kn[None, :])\n                s = tl.where(keep, s, float("-inf"))\n'
+           "            # Every valid row",
+           "the forward kernel's causal mask hides each token from itself",
+           (f"{T_ATTN}::test_triton_matches_float64_reference",)),
+    Mutant("attn-softmax-scale-dropped-in-dk-kernel", ATTN,
+           "        dk = dk * softmax_scale\n", "",
+           "the backward kernel forgets the softmax scale in dK",
+           (f"{T_ATTN}::test_triton_matches_float64_reference",)),
     # ------------------------------------------------------------------ packing
     Mutant("pack-loss-mask-lets-prompt-in", PACK,
            "mask[p - 1: p - 1 + r] = True", "mask[: p - 1 + r] = True",
