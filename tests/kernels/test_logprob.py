@@ -253,7 +253,7 @@ def test_bf16_accumulation_error_stays_within_the_documented_bound():
 def test_kernel_checks_target_range_without_a_host_read():
     """On CUDA the op skips the host-syncing range check: the epilogue itself turns an out-of-range
     target into a NaN log-prob (and reads nothing out of bounds); valid rows are unaffected."""
-    logits = torch.randn(4, 37)
+    logits = torch.randn(4, 37, generator=torch.Generator().manual_seed(23))
     targets = torch.tensor([3, 37, -100, -2])  # ok, == V, ignored, negative (not ignore_index)
     logp, _, lse = logprob._tile_fwd_triton(logits, targets, 1.0, -100, False)
     want = torch.log_softmax(logits.double(), -1)[0, 3]
@@ -547,8 +547,9 @@ def test_gpu_production_shape_fast_path_and_memory():
     memory to <= 100 MB (the bytes counted in kernels/logprob.py), and never sync with the host."""
     hidden, weight, targets = _production_inputs()
     N = hidden.shape[0]
-    adv = torch.randn(N, device="cuda")
-    mask = torch.rand(N, device="cuda") > 0.1
+    g = torch.Generator().manual_seed(24)
+    adv = torch.randn(N, generator=g).cuda()
+    mask = (torch.rand(N, generator=g) > 0.1).cuda()
     old = torch.full((N,), -12.0, device="cuda")
 
     def logprobs(h, w):
@@ -584,8 +585,8 @@ def test_gpu_fused_policy_loss_bf16_large_vocabulary():
     hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda()
     extra = {k: v.cuda() for k, v in extra.items()}
     with torch.no_grad():
-        old = (naive_logprobs64(hidden, weight, targets)[0] + 0.1 * torch.randn(N, device="cuda",
-                                                                              dtype=torch.float64)).float()
+        noise = torch.randn(N, generator=torch.Generator().manual_seed(25), dtype=torch.float64).cuda()
+        old = (naive_logprobs64(hidden, weight, targets)[0] + 0.1 * noise).float()
     kw = {"ref_logprobs": extra["ref_logprobs"], "seq_ids": extra["seq_ids"], "agg": "seq-mean-token-mean",
           "kl_coef": 0.05, "clip_high": 0.28}
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
