@@ -12,13 +12,15 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same_non_finite(out64: torch.Tensor, ref64: torch.Tensor, name: str = "output") -> None:
     """NaN exactly where the reference has NaN, and +-inf exactly where it has the same infinity."""
-    for what, o, r in (("NaN", out64.isnan(), ref64.isnan()), ("+inf", out64 == float("inf"), ref64 == float("inf")),
-                       ("-inf", out64 == float("-inf"), ref64 == float("-inf"))):
+    inf = float("inf")
+    for what, o, r in (("NaN", out64.isnan(), ref64.isnan()), ("+inf", out64 == inf, ref64 == inf),
+                       ("-inf", out64 == -inf, ref64 == -inf)):
         wrong = o != r
         if wrong.any():
             i = tuple(int(x) for x in wrong.nonzero()[0])
-            raise AssertionError(f"{name}: {int(wrong.sum())} element(s) disagree on {what} with the reference, "
-                                 f"first at {i}: got {out64[i].item()}, reference {ref64[i].item()}")
+            raise AssertionError(f"{name}: {int(wrong.sum())} element(s) disagree on {what} with the "
+                                 f"reference, first at {i}: got {out64[i].item()}, "
+                                 f"reference {ref64[i].item()}")
 
 
 def assert_close_to_reference(out, ref64, low_prec_torch=None, *, atol=1e-6, rtol=0.0, name="output"):
@@ -47,4 +49,5 @@ def assert_close_to_reference(out, ref64, low_prec_torch=None, *, atol=1e-6, rto
     else:
         tol = atol + rtol * torch.where(finite, ref64, 0.0).abs()
         worst = (err - tol).max().item() if err.numel() else 0.0
-        assert worst <= 0, f"{name}: max error {err.max().item():.3e} exceeds tolerance (atol={atol}, rtol={rtol})"
+        assert worst <= 0, (f"{name}: max error {err.max().item():.3e} exceeds tolerance "
+                            f"(atol={atol}, rtol={rtol})")

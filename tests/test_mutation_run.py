@@ -71,8 +71,8 @@ def test_a_stale_patch_is_reported_not_run():
     stale = Mutant("self-test-stale", "wz_engine/rewards/dapo.py", "text that is not in the file", "x",
                    "a patch whose context moved", ("tests/engine/test_rewards.py",))
     r = run_mutant(stale)
-    assert r.status == STALE and "patch no longer applies: wz_engine/rewards/dapo.py a patch whose context moved" \
-        in r.detail
+    assert r.status == STALE
+    assert "patch no longer applies: wz_engine/rewards/dapo.py a patch whose context moved" in r.detail
 
 
 # A change no test can see: the runner must call it missed (it does not count every run as caught).

@@ -45,10 +45,12 @@ def unseeded_draws(path: Path) -> list[str]:
             continue
         name = _dotted(node.func)
         head, _, fn = name.rpartition(".")
-        bad = (head == "torch" and fn in TORCH_DRAWS and not any(k.arg == "generator" for k in node.keywords)) \
+        seeded_kw = any(k.arg == "generator" for k in node.keywords)
+        bad = (head == "torch" and fn in TORCH_DRAWS and not seeded_kw) \
             or (head in ("np.random", "numpy.random") and fn not in NP_OK) \
             or (head == "random" and fn not in RANDOM_OK) \
-            or (name == "hash" and node.args and isinstance(node.args[0], (ast.Name, ast.Constant, ast.JoinedStr)))
+            or (name == "hash" and bool(node.args)
+                and isinstance(node.args[0], (ast.Name, ast.Constant, ast.JoinedStr)))
         if not bad or ALLOW in lines[node.lineno - 1]:
             continue
         if name != "hash" and any(a <= node.lineno <= b for a, b in seeded_spans):

@@ -141,7 +141,7 @@ class BehaviourJudge:
         challenger_wins = self.WIN_A if challenger_first else self.WIN_B
         reference_wins = self.WIN_B if challenger_first else self.WIN_A
         kind = self.behaviour[challenger]
-        if kind == "invalid" or (kind == "win_one_invalid" and n == 2) or (kind == "lose_one_invalid" and n == 0):
+        if kind == "invalid" or (kind, n) in (("win_one_invalid", 2), ("lose_one_invalid", 0)):
             return self.INVALID
         if kind in ("win", "win_one_invalid"):
             return challenger_wins
@@ -180,8 +180,8 @@ def _multi_prompt_case(order):
         challengers = [j for j in range(G5) if j != refs[uid]]
         behaviour.update({groups[uid][j]: kind for j, kind in zip(challengers, kinds)})
         behaviour[groups[uid][refs[uid]]] = "reference"
-        expected[uid] = {mode: [0.0 if j == refs[uid] else table[behaviour[groups[uid][j]]] for j in range(G5)]
-                         for mode, table in REWARD.items()}
+        expected[uid] = {mode: [0.0 if j == refs[uid] else table[behaviour[groups[uid][j]]]
+                                for j in range(G5)] for mode, table in REWARD.items()}
     judge = BehaviourJudge({f"prompt {uid}": groups[uid][refs[uid]] for uid in UIDS}, behaviour)
     uids = [UIDS[i] for i in order]
     return [f"prompt {u}" for u in uids], [groups[u] for u in uids], uids, judge, refs, expected

@@ -35,7 +35,8 @@ def test_rollout_correction_reweights_advantages_by_truncated_ratio():
     old = torch.zeros(b.num_tokens)
     engine = [torch.tensor([0.0, -1.0]), torch.tensor([1.0])]  # per response token, original order
     stats = apply_rollout_correction([ub], [[old]], [engine], cap=2.0)
-    # position 1 -> token 4 (engine 0, w = 1), 2 -> 5 (engine -1, w = min(e, 2) = 2), 4 -> 6 (engine 1, w = 1/e)
+    # position 1 -> token 4 (engine 0, w = 1), 2 -> 5 (engine -1, w = min(e, 2) = 2),
+    # 4 -> 6 (engine 1, w = 1/e)
     expected = torch.tensor([0.0, 1.0 * 1.0, 1.0 * 2.0, 0.0, -2.0 * math.exp(-1.0), 0.0])
     torch.testing.assert_close(ub.advantages[0], expected)
     assert abs(stats["tis/frac_capped"] - 1 / 3) < 1e-6  # exp(0 - (-1)) > 2 on one of three tokens
@@ -63,8 +64,8 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_oracle(agg):
     other models, so the clip and the KL are active) equals the float64 autograd of the whole batch's
     loss, computed sequence by sequence from the models' own logits."""
     temperature = 0.8
-    opts = {"clip_low": 0.1, "clip_high": 0.15, "dual_clip": 2.0, "kl_coef": 0.3, "kl_estimator": "k3", "agg": agg,
-            "loss_scale": 8.0 if agg == "seq-mean-token-sum-norm" else None}
+    opts = {"clip_low": 0.1, "clip_high": 0.15, "dual_clip": 2.0, "kl_coef": 0.3, "kl_estimator": "k3",
+            "agg": agg, "loss_scale": 8.0 if agg == "seq-mean-token-sum-norm" else None}
     policy, old_model, ref_model = (tiny_model(True, torch.float64) for _ in range(3))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # old and reference: nearby policies (ratios around 1, some clipped)
@@ -81,10 +82,11 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_oracle(agg):
 
     def packed(model):  # per micro-batch log-probs [N] of a model (no grad)
         with torch.no_grad():
-            return [wrap[model](b.input_ids[None], b.position_ids[None], b.targets, temperature=temperature).double()
-                    for b in ub.batches]
+            return [wrap[model](b.input_ids[None], b.position_ids[None], b.targets,
+                                temperature=temperature).double() for b in ub.batches]
 
-    metrics = accumulate_gradients(wrap[policy], ub, packed(old_model), packed(ref_model), "cpu", temperature, opts)
+    metrics = accumulate_gradients(wrap[policy], ub, packed(old_model), packed(ref_model), "cpu", temperature,
+                                   opts)
     assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] < 0.5 and metrics["kl_mean"] > 0
     got = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad(set_to_none=True)

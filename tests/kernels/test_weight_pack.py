@@ -108,7 +108,7 @@ def test_cuda_extension_matches_torch():
         pytest.fail("a CUDA toolchain is present but wz_kernels._C is missing: the extension build failed or "
                     "was skipped (build isolation hides torch: pip install --no-build-isolation -e .)")
     gen = torch.Generator().manual_seed(3)
-    srcs = [t.cuda() for t in _mixed(gen)] + [torch.randn(70_001, generator=gen).cuda()]  # > 1 chunk, odd tail
+    srcs = [t.cuda() for t in _mixed(gen)] + [torch.randn(70_001, generator=gen).cuda()]  # > 1 chunk, odd end
     targets = [torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.float64, torch.int64,
                torch.bfloat16, torch.bool, torch.bfloat16]
     ref = [torch.empty(s.shape, dtype=dt, device="cuda") for s, dt in zip(srcs, targets)]

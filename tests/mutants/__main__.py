@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants")
     ap.add_argument("--shard", metavar="I/N", help="run every N-th mutant starting at I")
     ap.add_argument("--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's selection (default 300)")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds per mutant's selection (default 300)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip running the selections on the unmutated tree first")
     args = ap.parse_args(argv)

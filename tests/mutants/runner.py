@@ -94,7 +94,8 @@ def _check_imports_from(copy: Path, env: dict) -> None:
     files = out.stdout.split()
     if out.returncode != 0 or len(files) != 2 or not all(Path(f).resolve().is_relative_to(copy.resolve())
                                                          for f in files):
-        raise RuntimeError(f"the copy's packages are not the ones imported: {out.stdout} {out.stderr[-2000:]}")
+        raise RuntimeError(f"the copy's packages are not the ones imported: {out.stdout} "
+                           f"{out.stderr[-2000:]}")
 
 
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
@@ -103,8 +104,9 @@ _FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
 def run_selection(copy: Path, tests: tuple[str, ...], timeout: float, env: dict) -> tuple[int | None, str]:
     """pytest -x on `tests` in `copy`; (return code or None on timeout, output)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests]
-    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group: a timeout kills torchrun children too
+    # own process group, so that a timeout kills torchrun's children too
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
@@ -114,7 +116,8 @@ def run_selection(copy: Path, tests: tuple[str, ...], timeout: float, env: dict)
         return None, out
 
 
-def run_mutant(mutant: Mutant, timeout: float = 300.0, root: Path = REPO, files: list[str] | None = None) -> Result:
+def run_mutant(mutant: Mutant, timeout: float = 300.0, root: Path = REPO,
+               files: list[str] | None = None) -> Result:
     t0 = time.perf_counter()
     try:
         new_text = patched_text(mutant, root)
