@@ -33,7 +33,7 @@ def test_resume_is_bit_identical_and_export_loads(tmp_path):
     # A checkpoint never appears half-written: only the renamed directory is visible.
     names = [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()]
     assert names == ["step_00000002"]
-    assert ckpt.latest_checkpoint(tmp_path / "b").name == "step_00000002"
+    assert ckpt.newest_verified(tmp_path / "b", first.run.run_id).path.name == "step_00000002"
 
     resumed = Trainer(_cfg(tmp_path / "b"), resume=True)
     assert resumed.step_idx == 2
