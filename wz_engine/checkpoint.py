@@ -104,12 +104,15 @@ def none_verifies(where: str | Path, skipped: list[Skipped]) -> CheckpointError:
     return CheckpointError(f"no checkpoint under {where} verifies:{lines}")
 
 
-def resume_point(output_dir: str | Path, run_id: str) -> Path | None:
-    """The checkpoint a resumed run loads (collective). Newer checkpoints of this run that do not verify
-    are moved aside to `step_X.corrupt-<time>` (another run's are left alone) and leftover `.tmp` folders
-    of unfinished saves removed, each with a log line. None when the run has no checkpoint yet (it
-    starts again from step 0); CheckpointError when it has some but none verifies."""
+def resume_point(output_dir: str | Path, run_id: str, keep: int) -> Path | None:
+    """The checkpoint a resumed run loads (collective). It also finishes what a killed save left undone:
+    newer checkpoints of this run that do not verify are moved aside to `step_X.corrupt-<time>` (another
+    run's are left alone), leftover `.tmp` folders of unfinished saves removed, each with a log line, and
+    the run's checkpoints pruned to `keep`. None when the run has no checkpoint yet (it starts again from
+    step 0); CheckpointError, touching nothing, when it has some but none verifies."""
     found = newest_verified(output_dir, run_id)
+    if found.path is None and found.skipped:  # nothing to continue from: leave every folder as it is
+        raise none_verifies(checkpoint_root(output_dir), found.skipped)
     if wzdist.rank() == 0:
         for s in found.skipped:
             if s.foreign:
@@ -122,8 +125,8 @@ def resume_point(output_dir: str | Path, run_id: str) -> Path | None:
         for tmp in leftovers:
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("resume: removed %s (a save that did not finish)", tmp)
-    if found.path is None and found.skipped:
-        raise none_verifies(checkpoint_root(output_dir), found.skipped)
+        if found.path is not None:
+            _prune(output_dir, keep, run_id)
     if found.path is None:
         log.warning("resume: run %s has no checkpoint yet: it starts again from step 0", run_id)
     return found.path
@@ -183,7 +186,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
     if rank == 0:
         mf.write_manifest(tmp, files, step, run_id, wzdist.world_size())
         chaos.point("ckpt_manifest_written")
-        _move_into_place(tmp, final)
+        _move_into_place(tmp, final, run_id)
         chaos.point("ckpt_renamed")
         _prune(output_dir, keep, run_id)
     wzdist.barrier()
@@ -195,9 +198,14 @@ def _sync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; a folder already there (the same step saved again) goes only afterwards."""
+def _move_into_place(tmp: Path, final: Path, run_id: str) -> None:
+    """Rename `tmp` to `final`. A folder of this run already there (the same step saved again) is deleted
+    only afterwards; anything else there (another run's, no manifest) is moved aside, not deleted."""
     old = final.with_name(final.name + ".replaced") if final.exists() else None
+    if old is not None and (mf.read_manifest(final)[0] or {}).get("run_id") != run_id:
+        moved = rundir.move_aside(final, "other")
+        log.warning("checkpoint %s: moved the folder that was there (not this run's) to %s", final, moved.name)
+        old = None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

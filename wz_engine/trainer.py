@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import random
 import signal
 import time
 import warnings
@@ -72,6 +73,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # every RNG a checkpoint restores starts from the seed
 
         rows = load_rows(cfg.data)
         tokenizer, lm = build_tokenizer_and_model(cfg, self.out, [str(r[cfg.data.prompt_field]) for r in rows])
@@ -120,7 +122,7 @@ class Trainer:
         self.recompute_old_logprobs = cfg.algorithm.recompute_old_logprobs
 
         if resume:
-            path = ckpt.resume_point(self.out, self.run.run_id)  # the newest of this run that verifies
+            path = ckpt.resume_point(self.out, self.run.run_id, cfg.checkpoint.keep)  # newest that verifies
             if path is not None:
                 state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.info.rank)
                 self.step_idx = state["step"]
