@@ -399,4 +399,3 @@ class Trainer:
     def export(self, out_dir: str | Path) -> Path:
         """HF export of the current policy (collective: full weights gathered to rank 0 on CPU)."""
         return export_live_policy(self.policy, self.tokenizer, out_dir, self.info.is_main)
-
