@@ -134,19 +134,41 @@ def _claim_here(out: Path, resume: bool, overwrite: bool) -> RunInfo:
         log.info("--overwrite: %s holds no run, nothing to move", out)
     run = RunInfo(new_run_id(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RUN_FILE, dataclasses.asdict(run))
+    try:
+        write_json_atomic(out / RUN_FILE, dataclasses.asdict(run), exclusive=True)
+    except FileExistsError:
+        raise RunDirError(f"train.output_dir {out}: another run claimed it at the same moment "
+                          f"({describe(out)})") from None
     log.info("run %s starts in %s", run.run_id, out)
     return run
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `path` so that a reader (or a kill -9) sees the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, obj, exclusive: bool = False) -> None:
+    """Write JSON to `path` so that a reader (or a kill -9) sees the old file or the new one, never half.
+    `exclusive`: FileExistsError when `path` exists (two runs starting at once: one wins)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, default=str))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        if exclusive:
+            _link_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_exclusive(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # atomic, and fails when the name exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if dst.exists():
+            raise FileExistsError(dst) from None
+        os.replace(src, dst)
 
 
 def save_dir_once(path: Path, write) -> None:

@@ -144,3 +144,12 @@ def test_trim_logs_drops_later_rows_and_a_line_cut_short(tmp_path, caplog):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     assert path.read_text().endswith("\n")
     assert "dropped 1 rows logged after step 2" in caplog.text and "1 unreadable" in caplog.text
+
+
+def test_run_json_is_claimed_exclusively(tmp_path):
+    """Two runs starting into one directory at once: the second claim fails, the first stays."""
+    rundir.write_json_atomic(tmp_path / "run.json", {"run_id": "a"}, exclusive=True)
+    with pytest.raises(FileExistsError):
+        rundir.write_json_atomic(tmp_path / "run.json", {"run_id": "b"}, exclusive=True)
+    assert rundir.read_run(tmp_path).run_id == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left behind
