@@ -48,9 +48,9 @@ def _command(world: int, out: Path, resume: bool) -> list[str]:
 
 
 def _run(world: int, out: Path, resume: bool, env: dict, kill_after_row: int | None = None,
-         delay: float = 0.0) -> int:
-    """Run to the end (or death); with `kill_after_row`, SIGKILL the whole process group `delay` seconds
-    after metrics.jsonl has that many rows."""
+         delay: float = 0.0) -> tuple[int, str]:
+    """Run to the end (or death) -> (return code, stderr tail); with `kill_after_row`, SIGKILL the whole
+    process group `delay` seconds after metrics.jsonl has that many rows."""
     proc = subprocess.Popen(_command(world, out, resume), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if kill_after_row is not None:
@@ -66,9 +66,7 @@ def _run(world: int, out: Path, resume: bool, env: dict, kill_after_row: int | N
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    proc.stderr_tail = err[-4000:]
-    _run.last = proc
-    return proc.returncode
+    return proc.returncode, err[-4000:]
 
 
 def _rows(out: Path, torn_ok: bool = False) -> list[dict]:
@@ -119,8 +117,10 @@ def _final_state(out: Path, tmp: Path) -> dict:
     return state
 
 
-def _draw_kill(rng: random.Random, world: int, done: int, resumed_step: int, order: list[str]) -> tuple[str, int, int | None]:
-    """(point, n-th hit, rank): every per-step point once first (seeded order), then random ones."""
+def _draw_kill(rng: random.Random, world: int, done: int, resumed_step: int,
+               order: list[str]) -> tuple[str, int, int | None]:
+    """(point, n-th hit, rank): every per-step point once first (seeded order), then random ones; never
+    a hit the run cannot reach any more (it resumes at `resumed_step` of STEPS)."""
     remaining = STEPS - resumed_step
     if remaining == 0:
         point = rng.choice(["run_claimed", "resumed"])
@@ -135,7 +135,7 @@ def _draw_kill(rng: random.Random, world: int, done: int, resumed_step: int, ord
 
 def _resumed_step(out: Path) -> int:
     run = rundir.read_run(out)
-    return ckpt.newest_verified(out, run.run_id).step or 0 if run else 0
+    return (ckpt.newest_verified(out, run.run_id).step or 0) if run else 0
 
 
 @pytest.mark.slow
@@ -146,7 +146,8 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
     if world == 1:
         assert train_main([str(TINY), *ARGS, "--set", f'train.output_dir="{straight}"']) == 0
     else:
-        assert _run(world, straight, False, _env()) == 0, _run.last.stderr_tail
+        rc, err = _run(world, straight, False, _env())
+        assert rc == 0, err
 
     kill_log = tmp_path / "kills.txt"
     order = PER_STEP[:]
@@ -156,9 +157,9 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
         resumed = _resumed_step(chaotic) if started else 0
         point, n, rank = _draw_kill(rng, world, len(kills), resumed, order)
         spec = f"{point}:{n}" + (f":{rank}" if rank is not None else "")
-        rc = _run(world, chaotic, started, _env(WZ_CHAOS_KILL=spec, WZ_CHAOS_LOG=str(kill_log)))
+        rc, err = _run(world, chaotic, started, _env(WZ_CHAOS_KILL=spec, WZ_CHAOS_LOG=str(kill_log)))
         logged = kill_log.read_text().splitlines() if kill_log.is_file() else []
-        assert rc != 0 and len(logged) > len(kills), (spec, rc, _run.last.stderr_tail)
+        assert rc != 0 and len(logged) > len(kills), (spec, rc, err)
         if world == 1:
             assert rc == -signal.SIGKILL
         assert logged[-1].split()[:2] == [point, str(n)]
@@ -167,14 +168,15 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
         # A kill can leave a `.tmp` folder but never a checkpoint in place that does not verify.
         for _, path in ckpt.step_dirs(chaotic):
             assert ckpt.newest_verified(chaotic, None, candidates=[path]).path == path, (spec, path)
-        kill_log.write_text("\n".join(logged) + "\n")
-    assert {k.split(":")[0] for k in kills} >= set(PER_STEP) - {"run_claimed", "resumed"}
+    assert {k.split(":")[0] for k in kills} >= set(PER_STEP)
 
-    # One kill from outside at a random moment (not a named point) while steps are running.
+    # One kill from outside at a random moment (not a named point) while steps are running (it may miss
+    # when the last steps are quicker than the delay; the run then simply ends).
     resumed = _resumed_step(chaotic)
     if resumed < STEPS - 1:
         _run(world, chaotic, True, _env(), kill_after_row=resumed + 1, delay=rng.uniform(0.0, 0.3))
-    assert _run(world, chaotic, True, _env()) == 0, _run.last.stderr_tail
+    rc, err = _run(world, chaotic, True, _env())
+    assert rc == 0, err
 
     assert _deterministic(_rows(chaotic)) == _deterministic(_rows(straight))
     assert [r["step"] for r in _rows(chaotic)] == list(range(1, STEPS + 1))
