@@ -169,6 +169,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
         for _, path in ckpt.step_dirs(chaotic):
             assert ckpt.newest_verified(chaotic, None, candidates=[path]).path == path, (spec, path)
     assert {k.split(":")[0] for k in kills} >= set(PER_STEP)
+    print(f"world {world}: killed at", ", ".join(kills))
 
     # One kill from outside at a random moment (not a named point) while steps are running (it may miss
     # when the last steps are quicker than the delay; the run then simply ends).
