@@ -1,6 +1,7 @@
 """kill -9 anywhere, resume, and end bit-identical to a run that was never interrupted.
 
-A world-size-1 run and a 2-process torchrun (gloo, FSDP2) run of the tiny config are each SIGKILLed
+A world-size-1 run (two PPO epochs: two optimizer steps per rollout step) and a 2-process torchrun
+(gloo, FSDP2) run of the tiny config are each SIGKILLed
 at seeded random kill points (wz_engine/chaos.py: inside the optimizer step, inside every stage of a
 checkpoint save, after a metrics row, at start-up and right after a resume; each kill is confirmed by
 the line the dying process writes) plus one kill from outside at a random moment, and resumed with
@@ -29,6 +30,9 @@ from wz_engine.train import main as train_main
 TINY = Path(__file__).with_name("tiny_run.toml")
 STEPS = 6
 ARGS = ["--set", f"train.steps={STEPS}", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2"]
+# World size 1 takes two optimizer steps per rollout step (two PPO epochs), so kills also land between
+# the updates of one rollout batch.
+ARGS_BY_WORLD = {1: [*ARGS, "--set", "algorithm.ppo_epochs=2"], 2: ARGS}
 WALL_CLOCK = ("time/", "tokens_per_s", "sync/seconds", "sync/gbps")
 PER_STEP = [p for p in chaos.POINTS if p not in ("run_claimed", "resumed")]
 RANK0_ONLY = ("ckpt_dcp_shards_written", "ckpt_manifest_written", "ckpt_renamed")
@@ -43,7 +47,7 @@ def _env(**extra):
 def _command(world: int, out: Path, resume: bool) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] \
         if world > 1 else [sys.executable]
-    return [*launcher, "-m", "wz_engine.train", str(TINY), *ARGS, "--set", f'train.output_dir="{out}"',
+    return [*launcher, "-m", "wz_engine.train", str(TINY), *ARGS_BY_WORLD[world], "--set", f'train.output_dir="{out}"',
             *(["--resume"] if resume else [])]
 
 
@@ -127,6 +131,8 @@ def _draw_kill(rng: random.Random, world: int, done: int, resumed_step: int,
     else:
         point = order[done] if done < len(order) else rng.choice(PER_STEP + ["run_claimed", "resumed"])
     n = 1 if point in ("run_claimed", "resumed") else rng.choice([1, 1, 2]) if remaining >= 2 else 1
+    if world == 1 and point.startswith("optim_step") and n == 1:
+        n = rng.choice([1, 2])  # two optimizer steps per rollout step: hit 2 is the second update
     rank = None if world == 1 or point in RANK0_ONLY else rng.choice([0, 1, None])
     if world > 1 and point in RANK0_ONLY:
         rank = 0
@@ -144,7 +150,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
     rng = random.Random(1234 + world)
     straight, chaotic = tmp_path / "straight", tmp_path / "chaotic"
     if world == 1:
-        assert train_main([str(TINY), *ARGS, "--set", f'train.output_dir="{straight}"']) == 0
+        assert train_main([str(TINY), *ARGS_BY_WORLD[1], "--set", f'train.output_dir="{straight}"']) == 0
     else:
         rc, err = _run(world, straight, False, _env())
         assert rc == 0, err
