@@ -1,11 +1,10 @@
 """kill -9 anywhere, resume, and end bit-identical to a run that was never interrupted.
 
 A world-size-1 run (two PPO epochs: two optimizer steps per rollout step) and a 2-process torchrun
-(gloo, FSDP2) run of the tiny config are each SIGKILLed
-at seeded random kill points (wz_engine/chaos.py: inside the optimizer step, inside every stage of a
-checkpoint save, after a metrics row, at start-up and right after a resume; each kill is confirmed by
-the line the dying process writes) plus one kill from outside at a random moment, and resumed with
-`--resume` after each. The final model and optimizer (DCP), every rank's trainer state (data
+(gloo, FSDP2) run of the tiny config are each SIGKILLed at 10 seeded random kill points
+(wz_engine/chaos.py: inside the optimizer step, inside every stage of a checkpoint save, after a
+metrics row, at start-up and right after a resume; each kill is confirmed by the line the dying
+process writes) plus once from outside at a random moment, and resumed with `--resume` after each. The final model and optimizer (DCP), every rank's trainer state (data
 position, scheduler, RNG states, sampler), the retained checkpoints and metrics.jsonl (but its
 wall-clock fields) must equal the uninterrupted run's.
 """
