@@ -121,10 +121,11 @@ def resume_point(output_dir: str | Path, run_id: str, keep: int) -> Path | None:
                 moved = rundir.move_aside(s.path, "corrupt")
                 log.warning("resume: skipped %s: %s; moved it to %s", s.path, s.reason, moved.name)
         root = checkpoint_root(output_dir)
-        leftovers = sorted([*root.glob("step_*.tmp"), *root.glob("step_*.replaced")]) if root.is_dir() else []
+        leftovers = [p for pattern in ("step_*.tmp", "step_*.replaced", "step_*.pruned")
+                     for p in sorted(root.glob(pattern))] if root.is_dir() else []
         for tmp in leftovers:
             shutil.rmtree(tmp, ignore_errors=True)
-            log.info("resume: removed %s (a save that did not finish)", tmp)
+            log.info("resume: removed %s (a save or prune that did not finish)", tmp)
         if found.path is not None:
             _prune(output_dir, keep, run_id)
     if found.path is None:
@@ -226,7 +227,10 @@ def _prune(output_dir: str | Path, keep: int, run_id: str) -> None:
         return
     ours = [p for _, p in step_dirs(output_dir) if (mf.read_manifest(p)[0] or {}).get("run_id") == run_id]
     for old in ours[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(old.name + ".pruned")  # renamed first: a kill mid-delete leaves no step folder
+        shutil.rmtree(doomed, ignore_errors=True)
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from wz_engine import distributed as wzdist
 log = logging.getLogger("wz_engine")
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 RUN_ARTIFACTS = (RUN_FILE, *LOG_FILES, "checkpoints", "config.json", "tokenizer", "hf_config", "tensorboard",
                  "export")
@@ -112,6 +114,8 @@ def claim(out: str | Path, resume: bool, overwrite: bool, is_main: bool) -> RunI
 def _claim_here(out: Path, resume: bool, overwrite: bool) -> RunInfo:
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if out.is_dir():
+        _lock(out)
     found = run_artifacts(out)
     if resume:
         run = read_run(out)
@@ -128,12 +132,14 @@ def _claim_here(out: Path, resume: bool, overwrite: bool) -> RunInfo:
                 f"train.output_dir {out} already holds {describe(out)}. Pass --resume to continue it, or "
                 f"--overwrite to move it aside (to {aside_path(out).name}; nothing is deleted) and start a new "
                 "run, or choose another train.output_dir")
+        _unlock(out)
         moved = move_aside(out)
         log.warning("--overwrite: moved the earlier run in %s (%s) to %s", out, describe(moved), moved)
     elif overwrite:
         log.info("--overwrite: %s holds no run, nothing to move", out)
     run = RunInfo(new_run_id(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     out.mkdir(parents=True, exist_ok=True)
+    _lock(out)
     try:
         write_json_atomic(out / RUN_FILE, dataclasses.asdict(run), exclusive=True)
     except FileExistsError:
@@ -141,6 +147,44 @@ def _claim_here(out: Path, resume: bool, overwrite: bool) -> RunInfo:
                           f"({describe(out)})") from None
     log.info("run %s starts in %s", run.run_id, out)
     return run
+
+
+_held_locks: dict[str, int] = {}
+"""This process's run-directory locks: lock file path -> open file descriptor."""
+
+
+def _lock(out: Path) -> None:
+    """Hold `out/run.lock` (flock) while this process lives, so a second live process on the same run
+    directory (a double launch, or the workers a killed torchrun agent leaves running) is refused. The
+    OS releases it when the holder dies, kill -9 included. Re-entrant within one process."""
+    path = out / LOCK_FILE
+    key = str(path.resolve())
+    held = _held_locks.pop(key, None)
+    if held is not None:
+        try:
+            if os.fstat(held).st_ino == path.stat().st_ino:
+                _held_locks[key] = held
+                return
+        except OSError:
+            pass
+        os.close(held)  # the directory was moved away since: a new lock file
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"train.output_dir {out} is in use by a live process (pid {holder}); stop it first "
+                          "(killing a torchrun agent can leave its workers running)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def _unlock(out: Path) -> None:
+    held = _held_locks.pop(str((out / LOCK_FILE).resolve()), None)
+    if held is not None:
+        os.close(held)
 
 
 def write_json_atomic(path: Path, obj, exclusive: bool = False) -> None:

@@ -9,6 +9,7 @@ position, scheduler, RNG states, sampler), the retained checkpoints and metrics.
 wall-clock fields) must equal the uninterrupted run's.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -52,8 +53,9 @@ def _command(world: int, out: Path, resume: bool) -> list[str]:
 
 def _run(world: int, out: Path, resume: bool, env: dict, kill_after_row: int | None = None,
          delay: float = 0.0) -> tuple[int, str]:
-    """Run to the end (or death) -> (return code, stderr tail); with `kill_after_row`, SIGKILL the whole
-    process group `delay` seconds after metrics.jsonl has that many rows."""
+    """Run to the end (or death) -> (return code, stderr tail); with `kill_after_row`, SIGKILL every
+    process of the run at once (torchrun's agent and its workers, which run in sessions of their own: a
+    machine going down) `delay` seconds after metrics.jsonl has that many rows."""
     proc = subprocess.Popen(_command(world, out, resume), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if kill_after_row is not None:
@@ -61,15 +63,42 @@ def _run(world: int, out: Path, resume: bool, env: dict, kill_after_row: int | N
         while proc.poll() is None and time.monotonic() < deadline:
             if len(_rows(out, torn_ok=True)) >= kill_after_row:
                 time.sleep(delay)
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_tree(proc.pid)
                 break
             time.sleep(0.005)
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         raise
     return proc.returncode, err[-4000:]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants at once, and wait until they are gone (their locks freed)."""
+    pids = [pid, *_descendants(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [child, *_descendants(child)]
+    return found
 
 
 def _rows(out: Path, torn_ok: bool = False) -> list[dict]:
@@ -138,6 +167,12 @@ def _draw_kill(rng: random.Random, world: int, done: int, resumed_step: int,
     return point, n, rank
 
 
+def _assert_every_checkpoint_verifies(out: Path, kill: str) -> None:
+    """A kill may leave `.tmp` / `.pruned` folders, but never a checkpoint folder in place that does not verify."""
+    for _, path in ckpt.step_dirs(out):
+        assert ckpt.newest_verified(out, None, candidates=[path]).path == path, (kill, path)
+
+
 def _resumed_step(out: Path) -> int:
     run = rundir.read_run(out)
     return (ckpt.newest_verified(out, run.run_id).step or 0) if run else 0
@@ -170,9 +205,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
         assert logged[-1].split()[:2] == [point, str(n)]
         kills.append(spec)
         started = True
-        # A kill can leave a `.tmp` folder but never a checkpoint in place that does not verify.
-        for _, path in ckpt.step_dirs(chaotic):
-            assert ckpt.newest_verified(chaotic, None, candidates=[path]).path == path, (spec, path)
+        _assert_every_checkpoint_verifies(chaotic, spec)
     assert {k.split(":")[0] for k in kills} >= set(PER_STEP)
     print(f"world {world}: killed at", ", ".join(kills))
 
@@ -181,6 +214,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, world):
     resumed = _resumed_step(chaotic)
     if resumed < STEPS - 1:
         _run(world, chaotic, True, _env(), kill_after_row=resumed + 1, delay=rng.uniform(0.0, 0.3))
+        _assert_every_checkpoint_verifies(chaotic, "from outside")
     rc, err = _run(world, chaotic, True, _env())
     assert rc == 0, err
 

@@ -5,6 +5,8 @@ refuses a non-empty target without --force and says what it exported, `wz plot` 
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,33 @@ def test_run_json_is_claimed_exclusively(tmp_path):
         rundir.write_json_atomic(tmp_path / "run.json", {"run_id": "b"}, exclusive=True)
     assert rundir.read_run(tmp_path).run_id == "a"
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left behind
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, b"%d\\n" % os.getpid(), 0)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_directory_in_use_by_a_live_process_is_refused(tmp_path, capsys):
+    """Another live process holds the run (a double launch, workers left by a killed torchrun agent):
+    refused while it lives, free once it is gone (kill -9 included)."""
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    rundir._unlock(out)  # this test process ran it: let the other process take it
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / rundir.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _train(out, "--resume", steps=3) == 2
+        assert f"is in use by a live process (pid {holder.pid})" in capsys.readouterr().err
+        assert _steps(out) == [1, 2]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train(out, "--resume", steps=3) == 0
+    assert _steps(out) == [1, 2, 3]
