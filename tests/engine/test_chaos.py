@@ -35,7 +35,7 @@ ARGS = ["--set", f"train.steps={STEPS}", "--set", "checkpoint.every=1", "--set",
 ARGS_BY_WORLD = {1: [*ARGS, "--set", "algorithm.ppo_epochs=2"], 2: ARGS}
 WALL_CLOCK = ("time/", "tokens_per_s", "sync/seconds", "sync/gbps")
 PER_STEP = [p for p in chaos.POINTS if p not in ("run_claimed", "resumed")]
-RANK0_ONLY = ("ckpt_dcp_shards_written", "ckpt_manifest_written", "ckpt_renamed")
+RANK0_ONLY = ("ckpt_dcp_shards_written", "ckpt_manifest_written", "ckpt_renamed", "metrics_logged")  # rank 0 logs
 NAMED_KILLS = 10
 
 
