@@ -9,9 +9,10 @@ from collections.abc import Sequence
 USAGE = """usage: wz COMMAND [ARGS]   (wz COMMAND --help for its options)
 
 commands:
-  train CONFIG [--set k=v ...] [--resume]   train (same as python -m wz_engine.train; use torchrun for >1 GPU)
+  train CONFIG [--set k=v ...] [--resume | --overwrite]
+                                            train (same as python -m wz_engine.train; use torchrun for >1 GPU)
   demo [--set k=v ...]                      train a tiny model with BRPO on CPU and report its win rate
-  export RUN_DIR OUT_DIR                    export the newest checkpoint as HF safetensors + config + tokenizer
+  export RUN_DIR OUT_DIR [--force]          export the newest checkpoint that verifies as HF safetensors
   plot RUN_DIR [--out PNG]                  plot a run's metric curves to a PNG
   judge eval ...                            evaluate a pairwise judge on preference data
   config list | check CONFIG                every config field (default, docstring); validate a run file
@@ -67,15 +68,7 @@ def _dispatch(argv: list[str]) -> int:
 
         return demo_main(rest)
     if command == "export":
-        p = argparse.ArgumentParser(prog="wz export")
-        p.add_argument("run_dir")
-        p.add_argument("out_dir")
-        p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
-        args = p.parse_args(rest)
-        from wz_engine.export import export_run
-
-        print(export_run(args.run_dir, args.out_dir, args.checkpoint))
-        return 0
+        return _export(rest)
     if command == "plot":
         p = argparse.ArgumentParser(prog="wz plot")
         p.add_argument("run_dir")
@@ -83,7 +76,7 @@ def _dispatch(argv: list[str]) -> int:
         args = p.parse_args(rest)
         from wz_engine.metrics import plot_run
 
-        print(plot_run(args.run_dir, args.out))
+        print(f"wz plot: wrote {plot_run(args.run_dir, args.out)}")
         return 0
     if command == "judge":
         if not rest or rest[0] != "eval":
@@ -142,6 +135,34 @@ def _config(rest: list[str]) -> int:
     if sub is not None and sub not in (*HELP, "help"):
         print(f"wz config: unknown subcommand {sub!r}", file=sys.stderr)
     return _usage(CONFIG_USAGE, rest)
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="wz export", description="Export a run's newest checkpoint that verifies "
+                                "(its manifest) as HF safetensors + config + tokenizer.")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir", help="an empty or new folder")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint folder of the run (default: the newest that verifies)")
+    p.add_argument("--force", action="store_true",
+                   help="OUT_DIR is not empty: move its contents aside to OUT_DIR.old-<timestamp> (nothing is "
+                        "deleted) and export anyway")
+    args = p.parse_args(argv)
+    from wz_engine.checkpoint import CheckpointError
+    from wz_engine.export import export_run
+
+    try:
+        report = export_run(args.run_dir, args.out_dir, args.checkpoint, force=args.force)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"wz export: {e}", file=sys.stderr)
+        return 2
+    for s in report.skipped:
+        print(f"wz export: skipped {s.path}: {s.reason}", file=sys.stderr)
+    if report.moved_aside is not None:
+        print(f"wz export: moved the earlier contents of {report.out_dir} to {report.moved_aside}")
+    print(f"wz export: exported run {report.run_id} step {report.step} (checkpoint {report.checkpoint}) "
+          f"to {report.out_dir}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from wz_engine import chaos
+
 log = logging.getLogger("wz_engine")
 
 METRICS_FILE = "metrics.jsonl"
@@ -130,6 +132,7 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        chaos.point("metrics_logged")
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

@@ -1,4 +1,4 @@
-"""Entry point: `torchrun --nproc_per_node=N -m wz_engine.train run.toml [--set k=v] [--resume]`.
+"""Entry point: `torchrun --nproc_per_node=N -m wz_engine.train run.toml [--set k=v] [--resume | --overwrite]`.
 
 Plain `python -m wz_engine.train run.toml` runs the same code at world size 1. The step itself lives
 in `trainer.py`, the builders in `build.py`, the HF export in `export.py`.
@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from wz_engine import distributed as wzdist
+from wz_engine.checkpoint import CheckpointError
 from wz_engine.config import ConfigError, load_config
 from wz_engine.data import DataError
 from wz_engine.monitors import ZeroSignalError
 from wz_engine.optional_deps import check_optional_deps
+from wz_engine.rundir import RunDirError
 from wz_engine.trainer import Trainer
 
 log = logging.getLogger("wz_engine")
@@ -28,7 +30,13 @@ def build_parser(prog: str = "wz train") -> argparse.ArgumentParser:
     p.add_argument("config", help="run file (TOML or YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-6 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    run_dir = p.add_mutually_exclusive_group()
+    run_dir.add_argument("--resume", action="store_true",
+                         help="continue the run in train.output_dir from its newest checkpoint that verifies")
+    run_dir.add_argument("--overwrite", action="store_true",
+                         help="train.output_dir holds an earlier run: move it aside to <output_dir>.old-<timestamp> "
+                              "(nothing is deleted) and start a new run. Without --resume or --overwrite, a "
+                              "directory that holds a run is refused")
     return p
 
 
@@ -41,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wz train: config error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-    except DataError as e:  # names the file and line (or dataset row)
-        print(f"wz train: data error: {e}", file=sys.stderr)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (DataError, RunDirError, CheckpointError) as e:  # a data file, or what train.output_dir holds
+        kind = "data error: " if isinstance(e, DataError) else ""  # DataError names the file and line
+        print(f"wz train: {kind}{e}", file=sys.stderr)
         wzdist.shutdown()
         return 2
     try:

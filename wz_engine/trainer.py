@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
+import random
 import signal
 import time
 import warnings
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wz_engine import chaos, rundir
 from wz_engine import checkpoint as ckpt
 from wz_engine import distributed as wzdist
 from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, AdvantageInputs
@@ -52,10 +53,13 @@ def _seed_for(*keys: int) -> int:
 class Trainer:
     """Holds the run's state; `step()` is the straight line above, `fit()` the loop around it."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
+        """`resume`: continue the run in `train.output_dir`; `overwrite`: move the run there aside and start
+        a new one. Without either, a directory that holds a run is refused (rundir.py)."""
         self.cfg = cfg
         self.info = wzdist.init_distributed(cfg.distributed.backend)
         self.out = Path(cfg.train.output_dir)
+        self.run = rundir.claim(self.out, resume, overwrite, self.info.is_main)
         self.device = self.info.device
         P, W = cfg.rollout.prompts_per_step, self.info.world_size
         if P % W:
@@ -69,6 +73,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # every RNG a checkpoint restores starts from the seed
 
         rows = load_rows(cfg.data)
         tokenizer, lm = build_tokenizer_and_model(cfg, self.out, [str(r[cfg.data.prompt_field]) for r in rows])
@@ -78,10 +83,9 @@ class Trainer:
         self.stream = PromptStream(self.train_prompts, cfg.train.seed, cfg.data.shuffle)
 
         if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(self.out / TOKENIZER_DIR))
-            lm.config.save_pretrained(str(self.out / HF_CONFIG_DIR))
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            rundir.save_dir_once(self.out / TOKENIZER_DIR, lambda d: tokenizer.save_pretrained(str(d)))
+            rundir.save_dir_once(self.out / HF_CONFIG_DIR, lambda d: lm.config.save_pretrained(str(d)))
+            rundir.write_json_atomic(self.out / "config.json", cfg.to_dict())
 
         ref_lm = copy.deepcopy(lm).requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
         if cfg.model.activation_checkpointing:
@@ -99,6 +103,7 @@ class Trainer:
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=oc.lr,
                                            betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay)
+        chaos.arm_optimizer(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(oc.warmup_steps, cfg.train.steps * self.updates_per_rollout, oc.schedule,
                                       oc.min_lr_ratio))
@@ -108,6 +113,7 @@ class Trainer:
         self.step_idx = 0  # completed rollout steps
         self.optimizer_step = 0  # optimizer steps taken (or skipped as non-finite)
         self.last_updates: list = []  # the last rollout step's optimizer steps: (metrics, grad norm, lr, taken)
+        self.checkpointed_step = -1  # the step of the newest checkpoint of this process's state
         self.nonfinite_in_a_row = 0
         self.stop_requested = False
         self.last_sample: dict | None = None
@@ -116,20 +122,21 @@ class Trainer:
         self.recompute_old_logprobs = cfg.algorithm.recompute_old_logprobs
 
         if resume:
-            path = ckpt.latest_checkpoint(self.out)
-            if path is None:
-                raise ValueError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-            state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.info.rank)
-            self.step_idx = state["step"]
-            self.optimizer_step = state.get("optimizer_step", self.step_idx)
-            self.stream.load_state_dict(state["data"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-            if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
-                self.sampler.load_state_dict(state["sampler"])
+            path = ckpt.resume_point(self.out, self.run.run_id, cfg.checkpoint.keep)  # newest that verifies
+            if path is not None:
+                state = ckpt.load_checkpoint(path, self.policy, self.optimizer, self.info.rank)
+                self.step_idx = state["step"]
+                self.optimizer_step = state.get("optimizer_step", self.step_idx)
+                self.stream.load_state_dict(state["data"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+                if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
+                    self.sampler.load_state_dict(state["sampler"])
+                self.checkpointed_step = self.step_idx
             if self.info.is_main:
-                _truncate_metrics(self.out, self.step_idx)
-                log.info("resumed from %s (step %d)", path, self.step_idx)
+                rundir.trim_logs(self.out, self.step_idx)
+                log.info("resumed run %s from %s (step %d)", self.run.run_id, path, self.step_idx)
+            chaos.point("resumed")
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard, cfg.logging.wandb,
                                     cfg.logging.wandb_project, cfg.to_dict(), resume=resume)
 
@@ -337,8 +344,10 @@ class Trainer:
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "optimizer_step": self.optimizer_step}
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
-        return ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
-                                    self.info.rank, keep=self.cfg.checkpoint.keep)
+        path = ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
+                                    self.info.rank, keep=self.cfg.checkpoint.keep, run_id=self.run.run_id)
+        self.checkpointed_step = self.step_idx
+        return path
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -357,7 +366,6 @@ class Trainer:
 
             bar = tqdm(total=cfg.train.steps, initial=self.step_idx, desc="train", dynamic_ncols=True)
         last: dict = {}
-        saved_at = -1
         zero_signal = ZeroSignalWatch.from_config(cfg.train)
         try:
             while self.step_idx < cfg.train.steps:
@@ -373,11 +381,10 @@ class Trainer:
                 stop = bool(wzdist.all_reduce(float(self.stop_requested), op="max") > 0)
                 if (cfg.checkpoint.every and self.step_idx % cfg.checkpoint.every == 0) or stop:
                     self.save()
-                    saved_at = self.step_idx
                 if stop:
                     log.warning("stopped by signal after step %d (checkpoint written)", self.step_idx)
                     break
-            if saved_at != self.step_idx:
+            if self.checkpointed_step != self.step_idx:  # not when resumed at the end: it is on disk
                 self.save()
         finally:
             for s, h in previous.items():
@@ -392,11 +399,3 @@ class Trainer:
     def export(self, out_dir: str | Path) -> Path:
         """HF export of the current policy (collective: full weights gathered to rank 0 on CPU)."""
         return export_live_policy(self.policy, self.tokenizer, out_dir, self.info.is_main)
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))

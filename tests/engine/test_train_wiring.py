@@ -275,7 +275,8 @@ def test_export_with_a_lora_judge_writes_the_policy_only(tmp_path, tied):
     # `wz export`: a checkpoint written with the adapter injected, loaded into a plain model
     run = tmp_path / "run"
     wrapped = FusedHeadCausalLM(policy)
-    path = ckpt.save_checkpoint(run, 1, wrapped, torch.optim.AdamW(wrapped.parameters()), {"step": 1}, {}, 0)
+    path = ckpt.save_checkpoint(run, 1, wrapped, torch.optim.AdamW(wrapped.parameters()), {"step": 1}, {}, 0,
+                                run_id="lora-run")
     tok.save_pretrained(str(run / TOKENIZER_DIR))
     policy.config.save_pretrained(str(run / HF_CONFIG_DIR))
     export_mod.export_run(run, tmp_path / "export2", path)

@@ -32,7 +32,7 @@ def run_demo(overrides: Sequence[str] = (), eval_samples: int = 2) -> dict:
 
     cfg = load_config(DEMO_CONFIG, list(overrides))
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a rerun moves the previous demo run aside (and says where)
     try:
         trainer.fit()
         train_s = time.perf_counter() - start
