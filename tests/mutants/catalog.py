@@ -206,6 +206,11 @@ MUTANTS: list[Mutant] = [
            "        dk = dk * softmax_scale\n", "",
            "the backward kernel forgets the softmax scale in dK",
            (f"{T_ATTN}::test_triton_matches_float64_reference",)),
+    Mutant("attn-custom-scale-ignored-in-backward", ATTN,
+           "d_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale\n",
+           "d_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, q.shape[-1] ** -0.5\n",
+           "the backward uses the default 1/sqrt(D) scale even when a custom softmax_scale was given",
+           (f"{T_ATTN}::test_gradients_match_float64_reference",)),
     # ------------------------------------------------------------------ packing
     Mutant("pack-loss-mask-lets-prompt-in", PACK,
            "mask[p - 1: p - 1 + r] = True", "mask[: p - 1 + r] = True",
