@@ -118,14 +118,15 @@ def _config(rest: list[str]) -> int:
         p.add_argument("config", help="run file (TOML or YAML)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         args = p.parse_args(rest[1:])
+        from wz_engine.algorithms.reward_source import load_prompt_rows
         from wz_engine.config import ConfigError, load_config
-        from wz_engine.data import DataError, load_rows
+        from wz_engine.data import DataError
         from wz_engine.optional_deps import check_optional_deps
 
         try:
             cfg = check_optional_deps(load_config(args.config, args.overrides))
             # local prompt files are read and checked line by line; a hub dataset is not downloaded here
-            rows = None if cfg.data.path.startswith("hf:") else load_rows(cfg.data)
+            rows = None if cfg.data.path.startswith("hf:") else load_prompt_rows(cfg)
         except (ConfigError, DataError) as e:
             kind = "config" if isinstance(e, ConfigError) else "data"
             print(f"wz config check: {kind} error: {e}", file=sys.stderr)

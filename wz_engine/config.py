@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wz_engine.judge.config import GenRMConfig
+from wz_engine.judge.verifiable import PreferenceConfig
 from wz_engine.rollout.vllm_config import VLLMConfig  # importable without vllm installed
 
 
@@ -122,8 +123,9 @@ class RolloutConfig:
 class JudgeConfig:
     kind: str = "callable"
     """Reward source (wz_engine.algorithms). Pairwise (BRPO): "callable" (a Python judge by import path)
-    or "genrm". Pointwise: "rule" (a Python reward function by import path) or "scalar_rm" (a sequence
-    classifier). Or a module path "pkg.module:name" to a RewardSource of your own."""
+    or "genrm". Pointwise: "rule" (a Python reward function by import path), "scalar_rm" (a sequence
+    classifier) or "preference" (train the policy as the GenRM on preference pairs; see `preference`).
+    Or a module path "pkg.module:name" to a RewardSource of your own."""
     callable: str = "wz_engine.demo.judge:writing_judge"
     """Import path `pkg.module:function`. kind="callable": (prompt, response_a, response_b) ->
     (score_a, score_b); kind="rule": (prompt, response, reference) -> float."""
@@ -137,6 +139,10 @@ class JudgeConfig:
     judge's weights on both samplers: with rollout.sampler = "vllm" it sets `rollout.vllm.judge_mode`
     ("self" -> "self", "lora" -> "lora" with judge_lora_path = genrm.lora_path, "checkpoint" ->
     "swap" with judge_checkpoint = genrm.checkpoint_path); leave the rollout.vllm judge keys unset."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """kind = "preference" (wz_engine/judge/verifiable.py): the pairs are data.path, each judged in both
+    orders by the policy with judge.genrm's template and verdict grammar; rewards +1 / -1 / -format_penalty
+    against the label, for a GRPO-family estimator over the G samples of each (pair, order)."""
 
 
 @dataclass
@@ -345,8 +351,10 @@ class RunConfig:
         estimator, source = entries["algorithm.estimator"], entries["judge.kind"]
         pairwise = [n for n in REWARD_SOURCES.names() if REWARD_SOURCES.get(n).pairwise]
         if estimator.pairwise and not source.pairwise:
+            pointwise = [n for n in ESTIMATORS.names() if not ESTIMATORS.get(n).pairwise]
             raise ConfigError(f"judge.kind: estimator {self.algorithm.estimator!r} needs a pairwise judge "
-                              f"(one of {pairwise}), got {self.judge.kind!r}")
+                              f"(one of {pairwise}), got {self.judge.kind!r}, whose rewards are pointwise: "
+                              f"keep it and set algorithm.estimator to one of {pointwise}")
         if source.pairwise and not estimator.pairwise:
             wanted = [n for n in ESTIMATORS.names() if ESTIMATORS.get(n).pairwise]
             raise ConfigError(f"algorithm.estimator: a pairwise judge ({self.judge.kind!r}) pairs with a pairwise "

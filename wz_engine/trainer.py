@@ -26,9 +26,10 @@ from wz_engine import chaos, rundir
 from wz_engine import checkpoint as ckpt
 from wz_engine import distributed as wzdist
 from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, AdvantageInputs
+from wz_engine.algorithms.reward_source import load_prompt_rows
 from wz_engine.build import HF_CONFIG_DIR, TOKENIZER_DIR, build_reward_source, build_sampler, build_tokenizer_and_model
 from wz_engine.config import RunConfig
-from wz_engine.data import PromptStream, load_rows, render_prompts, split_holdout
+from wz_engine.data import PromptStream, render_prompts, split_holdout
 from wz_engine.export import export_live_policy
 from wz_engine.metrics import MetricsLogger, PhaseTimer, progress_postfix, step_metrics
 from wz_engine.modeling import FusedHeadCausalLM
@@ -75,7 +76,7 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         random.seed(cfg.train.seed)  # every RNG a checkpoint restores starts from the seed
 
-        rows = load_rows(cfg.data)
+        rows = load_prompt_rows(cfg)  # data.path's, or the reward source's own (judge prompts of preference pairs)
         tokenizer, lm = build_tokenizer_and_model(cfg, self.out, [str(r[cfg.data.prompt_field]) for r in rows])
         self.tokenizer = tokenizer
         prompts, self.filtered = render_prompts(rows, tokenizer, cfg.data)

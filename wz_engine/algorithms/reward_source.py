@@ -4,7 +4,8 @@ of completions into per-rollout rewards.
 A pairwise source builds a `PairwiseJudge` and its rewards are BRPO's verdicts against a seeded
 reference per group (`wz_engine.rewards.brpo.assemble_brpo_rewards`); a pointwise source builds an
 object with `score(prompts, responses, references) -> list[float]`. A source with another protocol
-passes its own `assemble`.
+passes its own `assemble`; one that brings its own prompts (e.g. judge prompts rendered from preference
+pairs) passes `prompt_rows`, which replaces the rows of `data.*`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class RewardSource:
     """Extra config checks and derived settings (raise ConfigError naming the key)."""
     assemble: Callable[..., GroupRewards] | None = None
     """(built, prompts [P], groups [P][G], step, cfg) -> GroupRewards; None: by `pairwise`."""
+    prompt_rows: Callable[[RunConfig], list[dict]] | None = None
+    """cfg -> the run's prompt rows (as `wz_engine.data.load_rows` returns), instead of data.path's."""
 
     def group_rewards(self, built, prompts, groups, step: int, cfg: RunConfig) -> GroupRewards:
         assemble = self.assemble or (pairwise_rewards if self.pairwise else pointwise_rewards)
@@ -88,10 +91,18 @@ REWARD_SOURCES: Registry[RewardSource] = Registry(
          "function use judge.kind = 'rule' and judge.callable)")
 
 
-def register_reward_source(name: str, *, pairwise: bool, validate=None, assemble=None):
+def register_reward_source(name: str, *, pairwise: bool, validate=None, assemble=None, prompt_rows=None):
     """Decorator: `@register_reward_source("my_rm", pairwise=False)` over `build(ctx) -> scorer`."""
 
     def wrap(build) -> RewardSource:
-        return REWARD_SOURCES.register(name, RewardSource(name, build, pairwise, validate, assemble))
+        return REWARD_SOURCES.register(name, RewardSource(name, build, pairwise, validate, assemble, prompt_rows))
 
     return wrap
+
+
+def load_prompt_rows(cfg: RunConfig) -> list[dict]:
+    """The run's prompt rows: the reward source's own (`prompt_rows`), else data.path's."""
+    from wz_engine.data import load_rows
+
+    source = REWARD_SOURCES.get(cfg.judge.kind)
+    return source.prompt_rows(cfg) if source.prompt_rows is not None else load_rows(cfg.data)

@@ -12,12 +12,12 @@ from typing import Literal
 
 Mode = Literal["pairwise", "reference", "pointwise"]
 WeightSharing = Literal["self", "lora", "checkpoint"]
-VerdictStyle = Literal["scores", "boxed"]
+VerdictStyle = Literal["scores", "boxed", "choice"]
 TiePolicy = Literal["tie", "invalid"]
 
 MODES = ("pairwise", "reference", "pointwise")
 WEIGHT_SHARING = ("self", "lora", "checkpoint")
-VERDICT_STYLES = ("scores", "boxed")
+VERDICT_STYLES = ("scores", "boxed", "choice")
 TIE_POLICIES = ("tie", "invalid")
 
 DEFAULT_TEMPLATES = {
@@ -41,7 +41,8 @@ class GenRMConfig:
     """Optional system message placed before the rendered template in the chat."""
     verdict_style: VerdictStyle = "scores"
     """Final-line grammar the template asks for: "scores" -> `Scores: A=7, B=4` (pointwise
-    `Score: 7`); "boxed" -> `\\boxed{7, 4}` (pointwise `\\boxed{7}`)."""
+    `Score: 7`); "boxed" -> `\\boxed{7, 4}` (pointwise `\\boxed{7}`); "choice" -> the letter `A` or `B`
+    alone (pairwise only; scored score_max / score_min; one token, for tiny judges)."""
     votes: int = 1
     """Independent judge samples per (pair, order), used by `GenRM.compare` (the eval CLI takes
     `--votes`). `GenRM.judge` always returns exactly one verdict per request: the trainer's BRPO
@@ -98,6 +99,9 @@ class GenRMConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("verdict_style", self.verdict_style, VERDICT_STYLES)
         _check_choice("tie_policy", self.tie_policy, TIE_POLICIES)
+        if self.verdict_style == "choice" and self.mode == "pointwise":
+            raise ValueError('verdict_style "choice" names the better of two responses: it needs mode "pairwise" '
+                             'or "reference", not "pointwise"')
         _check_choice("weight_sharing", self.weight_sharing, WEIGHT_SHARING)
         if not isinstance(self.votes, int) or self.votes < 1:
             raise ValueError(f"votes must be an integer >= 1, got {self.votes!r}")

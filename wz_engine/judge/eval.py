@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wz_engine.judge.base import PairwiseJudge, PairwiseRequest, Verdict
+from wz_engine.judge.config import VERDICT_STYLES
 from wz_engine.judge.diagnostics import (
     context_length,
     context_overflow,
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="local HF model directory to run the GenRM on")
     p.add_argument("--mode", default="pairwise", choices=("pairwise", "reference", "pointwise"))
     p.add_argument("--template", default="", help="bundled template name or a file path")
-    p.add_argument("--verdict-style", default="scores", choices=("scores", "boxed"))
+    p.add_argument("--verdict-style", default="scores", choices=VERDICT_STYLES)
     p.add_argument("--votes", type=int, default=1)
     p.add_argument("--no-both-orders", dest="both_orders", action="store_false")
     p.add_argument("--temperature", type=float, default=0.7)

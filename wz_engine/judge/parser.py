@@ -6,6 +6,9 @@ Grammar (the templates ask for exactly this; `final_line_instruction` renders th
     style "scores", pointwise:  Score: <num>
     style "boxed",  pairwise:   <any text>\\boxed{<num>, <num>}
     style "boxed",  pointwise:  <any text>\\boxed{<num>}
+    style "choice", pairwise:   A   or   B   (the letter of the better response, alone on its line;
+                                scored as (score_max, score_min) / (score_min, score_max); no ties.
+                                One token, so that a tiny model can emit a valid verdict at all)
 
     <num> = ASCII digits with an optional ASCII fractional part: `7`, `10`, `6.5` (no sign, no
     exponent, no nan/inf). Keywords are case-insensitive; ASCII spaces/tabs are allowed around
@@ -23,7 +26,8 @@ Rules, applied in this order (the first that fires gives the reason):
        judge changed its mind or repeated itself, and we refuse to guess which one it meant.
     4. The last non-blank line must be that verdict line; if the one verdict line is elsewhere:
        "not_final". If the last line starts like a verdict (`Score:`/`Scores:` or contains
-       `\\boxed`) but does not match: "malformed"; otherwise "no_verdict".
+       `\\boxed`, or a choice line starts with the letter as a word) but does not match: "malformed";
+       otherwise "no_verdict".
     5. Scores are finite and inside [score_min, score_max], else "out_of_range" (never clamped).
     6. Equal scores with allow_ties=False: "tie_not_allowed".
 
@@ -51,7 +55,7 @@ class VerdictGrammar:
     n_scores: int = 2
     """2 for pairwise (A and B), 1 for pointwise."""
     style: str = "scores"
-    """"scores" (`Scores: A=7, B=4`) or "boxed" (`\\boxed{7, 4}`)."""
+    """"scores" (`Scores: A=7, B=4`), "boxed" (`\\boxed{7, 4}`) or "choice" (`A` / `B`, pairwise only)."""
     score_min: float = 0.0
     """Lowest legal score (inclusive)."""
     score_max: float = 10.0
@@ -62,8 +66,10 @@ class VerdictGrammar:
     def __post_init__(self) -> None:
         if self.n_scores not in (1, 2):
             raise ValueError(f"n_scores must be 1 or 2, got {self.n_scores!r}")
-        if self.style not in ("scores", "boxed"):
-            raise ValueError(f"style must be 'scores' or 'boxed', got {self.style!r}")
+        if self.style not in ("scores", "boxed", "choice"):
+            raise ValueError(f"style must be 'scores', 'boxed' or 'choice', got {self.style!r}")
+        if self.style == "choice" and self.n_scores != 2:
+            raise ValueError("style 'choice' names the better of two responses: it needs n_scores = 2 (pairwise)")
         if not float(self.score_min) < float(self.score_max):
             raise ValueError(f"score_min must be < score_max, got [{self.score_min}, {self.score_max}]")
 
@@ -90,6 +96,8 @@ def _patterns(n_scores: int, style: str) -> tuple[re.Pattern, re.Pattern]:
         else:
             body = rf"score{_SP}:{_SP}{_NUM}{_SP}\.?"
         return re.compile(body, flags), re.compile(r"scores?[ \t]*:", flags)
+    if style == "choice":
+        return re.compile(rf"([ab]){_SP}\.?", flags), re.compile(r"[ab]\b", flags)
     inner = rf"{_NUM}{_SP},{_SP}{_NUM}" if n_scores == 2 else _NUM
     body = rf"[^\n]*?\\boxed\{{{_SP}{inner}{_SP}\}}{_BOXED_TAIL}"
     return re.compile(body, flags), re.compile(r"[^\n]*\\boxed", flags)
@@ -141,7 +149,7 @@ def _parse(text: object, grammar: VerdictGrammar) -> ParsedVerdict:
         _, attempt = _patterns(grammar.n_scores, grammar.style)
         looks_like = attempt.match(lines[-1].strip().lstrip(_DECORATION)) is not None
         return ParsedVerdict(None, "malformed" if looks_like else "no_verdict")
-    scores = tuple(float(g) for g in matches[0][1].groups())
+    scores = _scores(matches[0][1], grammar)
     lo, hi = float(grammar.score_min), float(grammar.score_max)
     if not all(math.isfinite(s) and lo <= s <= hi for s in scores):
         return ParsedVerdict(None, "out_of_range")
@@ -150,8 +158,17 @@ def _parse(text: object, grammar: VerdictGrammar) -> ParsedVerdict:
     return ParsedVerdict(scores, "ok")
 
 
+def _scores(match: re.Match, grammar: VerdictGrammar) -> tuple[float, ...]:
+    if grammar.style == "choice":  # the chosen letter gets the top score, the other the bottom one
+        hi, lo = float(grammar.score_max), float(grammar.score_min)
+        return (hi, lo) if match.group(1).lower() == "a" else (lo, hi)
+    return tuple(float(g) for g in match.groups())
+
+
 def final_line_instruction(grammar: VerdictGrammar) -> str:
     """The exact final-line format, as the templates show it to the judge."""
+    if grammar.style == "choice":
+        return "A or B"
     lo, hi = _fmt(grammar.score_min), _fmt(grammar.score_max)
     if grammar.style == "scores":
         if grammar.n_scores == 2:
