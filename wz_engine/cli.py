@@ -11,7 +11,8 @@ USAGE = """usage: wz COMMAND [ARGS]   (wz COMMAND --help for its options)
 commands:
   train CONFIG [--set k=v ...] [--resume | --overwrite]
                                             train (same as python -m wz_engine.train; use torchrun for >1 GPU)
-  demo [--set k=v ...]                      train a tiny model with BRPO on CPU and report its win rate
+  demo [--judge] [--set k=v ...]            train a tiny model with BRPO on CPU and report its win rate
+                                            (--judge: train a tiny GenRM on preference pairs instead)
   export RUN_DIR OUT_DIR [--force]          export the newest checkpoint that verifies as HF safetensors
   plot RUN_DIR [--out PNG]                  plot a run's metric curves to a PNG
   judge eval ...                            evaluate a pairwise judge on preference data

@@ -1,10 +1,14 @@
-"""Synthetic preference pairs with a checkable label: a tiny GenRM can learn them by RL on CPU.
+"""Synthetic preference pairs with a checkable label: a tiny GenRM learns them by RL on CPU in minutes.
 
-Each prompt asks for writing about a topic of the demo (`wz_engine.demo.judge.TOPICS`); the chosen
-response is on topic (it contains the topic's own word, the prompt's key word, with two words of its
-lexicon), the rejected one is about another topic (its word and two of its words). `keyword_judge`
-is that rule as a programmatic judge: the label's independent check, and the ceiling a judge can reach
-(`wz judge eval --judge wz_engine.demo.pairs:keyword_judge --data PAIRS`).
+Each prompt asks for writing about a topic of the demo (`wz_engine.demo.judge.TOPICS`). The chosen
+response is a word of that topic's lexicon and a praising word (`POSITIVE`); the rejected one a word of
+another topic and a disparaging word (`NEGATIVE`), each in random order. `label_judge` is the rule as a
+programmatic judge: the labels' independent check, and the ceiling a judge can reach
+(`wz judge eval --judge wz_engine.demo.pairs:label_judge --data PAIRS`).
+
+Measured (bench/RESULTS.md): a tiny random Qwen2 learns these in ~60 steps; it does not learn, within the
+same budget, the harder rule "the chosen response repeats the prompt's key word" (token equality across
+the prompt), which is why the praising word is there.
 """
 
 from __future__ import annotations
@@ -17,33 +21,37 @@ from pathlib import Path
 from wz_engine.demo.judge import TOPICS
 
 PROMPT_FORM = "Write about the {topic}."
+POSITIVE = ("good", "fine", "great", "kind")
+NEGATIVE = ("bad", "dull", "weak", "flat")
 _WORD = re.compile(r"[a-z]+")
 
 
-def synthetic_pairs(n: int, seed: int = 0, words: int = 3) -> list[dict]:
-    """`n` rows {"prompt", "chosen", "rejected"}, seeded; responses hold `words` words."""
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` rows {"prompt", "chosen", "rejected"}, seeded (see the module docstring)."""
     rng = random.Random(seed)
     topics = sorted(TOPICS)
 
-    def response(topic: str) -> str:
-        picked = [topic, *rng.sample(TOPICS[topic], words - 1)]
-        rng.shuffle(picked)
-        return " ".join(picked)
+    def response(topic: str, tone: tuple[str, ...]) -> str:
+        words = [rng.choice(TOPICS[topic]), rng.choice(tone)]
+        rng.shuffle(words)
+        return " ".join(words)
 
     rows = []
     for _ in range(n):
         topic, other = rng.sample(topics, 2)
-        rows.append({"prompt": PROMPT_FORM.format(topic=topic), "chosen": response(topic),
-                     "rejected": response(other)})
+        rows.append({"prompt": PROMPT_FORM.format(topic=topic), "chosen": response(topic, POSITIVE),
+                     "rejected": response(other, NEGATIVE)})
     return rows
 
 
-def keyword_judge(prompt: str, response_a: str, response_b: str) -> tuple[float, float]:
-    """10 for a response holding a key word of the prompt (a topic name it mentions), else 0."""
-    keys = {w for w in _WORD.findall(prompt.lower()) if w in TOPICS}
+def label_judge(prompt: str, response_a: str, response_b: str) -> tuple[float, float]:
+    """Per response: 5 for a praising word, 5 for a word of the prompt's topic (so 10 vs 0 on these pairs)."""
+    topics = [w for w in _WORD.findall(prompt.lower()) if w in TOPICS]
+    lexicon = {w for t in topics for w in TOPICS[t]}
 
     def score(response: str) -> float:
-        return 10.0 if keys & set(_WORD.findall(response.lower())) else 0.0
+        words = set(_WORD.findall(response.lower()))
+        return 5.0 * bool(words & set(POSITIVE)) + 5.0 * bool(words & lexicon)
 
     return score(response_a), score(response_b)
 

@@ -65,8 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the demo config (wz_engine/demo/demo_cpu.toml)")
     p.add_argument("--eval-samples", type=int, default=2, help="completions per held-out prompt and policy")
+    p.add_argument("--judge", action="store_true", help="instead: train a tiny GenRM on preference pairs with "
+                   "verifiable rewards (wz_engine/demo/judge_cpu.toml; --set overrides that file), then judge "
+                   "BRPO steps with it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.judge:
+        from wz_engine.demo.judge_train import format_summary, run_judge_demo
+
+        print("\n" + format_summary(run_judge_demo(args.overrides)))
+        return 0
     s = run_demo(args.overrides, args.eval_samples)
     if s:
         print(format_summary(s))
