@@ -201,6 +201,20 @@ def test_wz_config_check_counts_the_judge_prompts(pairs_file, tmp_path, capsys):
     assert "(8 prompts in" in capsys.readouterr().out  # 4 pairs x 2 orders
 
 
+def test_reference_mode_needs_a_reference_in_every_pair(pairs_file, tmp_path):
+    from wz_engine.algorithms.reward_source import load_prompt_rows
+
+    cfg = load_config(None, preference_overrides(pairs_file, tmp_path, 'judge.genrm.mode="reference"',
+                                                 'judge.genrm.template="reference_pairwise"'))
+    with pytest.raises(DataError, match="preference pair 0: request.reference: required in reference mode"):
+        load_prompt_rows(cfg)
+    f = tmp_path / "with_refs.jsonl"
+    f.write_text("".join(json.dumps({**r, "reference": f"gold {i}"}) + "\n" for i, r in enumerate(ROWS)))
+    rows = load_prompt_rows(load_config(None, preference_overrides(f, tmp_path, 'judge.genrm.mode="reference"',
+                                                                   'judge.genrm.template="reference_pairwise"')))
+    assert len(rows) == 8 and "gold 3" in rows[7]["prompt"] and [r["reference"] for r in rows[:2]] == ["A", "B"]
+
+
 def test_holdout_leaving_nothing_is_a_data_error(pairs_file, tmp_path):
     from wz_engine.algorithms.reward_source import load_prompt_rows
 

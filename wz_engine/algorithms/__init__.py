@@ -9,7 +9,8 @@ Built-ins (one module per file, discovered: every module of the package is impor
 
     estimators/      brpo (pairwise); grpo, dr_grpo, rloo, reinforce_pp_baseline (wz_kernels.advantage)
     losses/          ppo_clip (wz_kernels.fused_linear_policy_loss: clip, dual clip, KL, agg modes)
-    reward_sources/  callable, genrm (pairwise judges); rule, scalar_rm (pointwise)
+    reward_sources/  callable, genrm (pairwise judges); rule, scalar_rm, preference (pointwise; preference
+                     trains the policy as the GenRM on preference pairs)
 
 Adding one (no trainer edit)
 
@@ -41,7 +42,7 @@ Extension points, per kind (see each module's docstring for the exact contract)
     there), `metrics` names what it reports.
   * `RewardSource` (reward_source.py): `build(RewardContext)`, `pairwise`, `validate` (may also derive
     settings, as genrm does for vLLM), `assemble` for a reward protocol other than pairwise verdicts or
-    pointwise `score(...)` (e.g. a judge trained on preference pairs).
+    pointwise `score(...)`, and `prompt_rows` for one that brings its own prompts (both: `preference`).
 """
 
 from wz_engine.algorithms.estimator import (

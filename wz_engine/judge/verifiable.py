@@ -107,10 +107,15 @@ def judge_prompt_rows(pairs: Sequence[PreferencePair], render, system_prompt: st
                       reference_field: str) -> list[dict]:
     """Trainer prompt rows: 2 per pair (see the module docstring). `render(request) -> str` is the
     GenRM's user message; the trainer applies the chat template to it, as the GenRM does."""
+    from wz_engine.data import DataError
+
     rows = []
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
         for request, chosen_at in ordered_requests(pair):
-            message = render(request)
+            try:
+                message = render(request)
+            except ValueError as e:  # e.g. reference mode and a pair without a reference
+                raise DataError(f"preference pair {i}: {e}") from None
             prompt = message if system_prompt is None else [{"role": "system", "content": system_prompt},
                                                              {"role": "user", "content": message}]
             rows.append({prompt_field: prompt, reference_field: chosen_at})

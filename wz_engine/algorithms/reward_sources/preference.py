@@ -77,40 +77,27 @@ def _pairs(cfg):
 
 @dataclass
 class PreferenceJudge:
-    """What the source builds: the verdict grammar, the reward settings, and for held-out evaluation a
-    GenRM on the live policy (None without a model) with this rank's share of the held-out pairs."""
+    """What the source builds: the GenRM (its verdict grammar parses the samples; on the live policy it
+    judges the held-out pairs) and this rank's share of the held-out pairs."""
 
     genrm: object
     heldout: list
-    cfg: object
+    evaluated_at: int | None = None
+    """The rollout step of the last held-out evaluation (DAPO may assemble several rounds per step)."""
 
     def heldout_metrics(self, prefix: str = "heldout/") -> dict[str, float]:
         """Accuracy, both-order agreement, position bias, invalid rate, ... of the live judge on this
         rank's held-out pairs (every key present, NaN where undefined, so ranks average key by key)."""
         from wz_engine.judge.eval import evaluate
 
-        if self.genrm is None:
-            raise ValueError("heldout_metrics: the reward source was built without a model")
+        if self.genrm.sampler is None:
+            raise ValueError("heldout_metrics: the reward source was built without a model to judge with")
         metrics = evaluate(self.genrm, self.heldout, votes=self.genrm.config.votes)[0] if self.heldout else {}
         return _fixed_keys(metrics, HELDOUT_METRICS, prefix)
 
 
 def _fixed_keys(metrics: dict, names, prefix: str) -> dict[str, float]:
     return {prefix + k: float(metrics.get(k, math.nan)) for k in names}
-
-
-def build(ctx) -> PreferenceJudge:
-    import torch.distributed as dist
-
-    from wz_engine.algorithms.reward_sources.pairwise import genrm
-    from wz_engine.judge.genrm import GenRM
-
-    cfg, p = ctx.cfg, ctx.cfg.judge.preference
-    heldout = _pairs(cfg)[1] if p.holdout or p.eval_data else []
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    # the GenRM on the live policy (as judge.kind = "genrm" builds it) judges the held-out pairs
-    judge = genrm.build(ctx) if ctx.lm is not None else GenRM(None, ctx.tokenizer, cfg.judge.genrm)
-    return PreferenceJudge(judge, heldout[rank::world], cfg)
 
 
 def assemble(built: PreferenceJudge, prompts, groups, step: int, cfg) -> GroupRewards:
@@ -132,7 +119,8 @@ def assemble(built: PreferenceJudge, prompts, groups, step: int, cfg) -> GroupRe
             rewards.append(verdict_reward(verdict, chosen_first, p.margin, p.format_penalty))
             records.append(JudgementRecord(verdict, prompt.uid // 2, not chosen_first, parsed.reason))
     stats = _fixed_keys(preference_metrics(records, len(prompts), 0.0) if records else {}, TRAIN_METRICS, "judge/")
-    if p.eval_every and step % p.eval_every == 0:
+    if p.eval_every and step % p.eval_every == 0 and built.evaluated_at != step:
+        built.evaluated_at = step
         start = time.perf_counter()
         stats.update(built.heldout_metrics())
         stats["time/heldout_eval"] = time.perf_counter() - start
@@ -140,4 +128,16 @@ def assemble(built: PreferenceJudge, prompts, groups, step: int, cfg) -> GroupRe
     return GroupRewards(r, torch.zeros_like(r, dtype=torch.bool), stats)
 
 
-register_reward_source("preference", pairwise=False, validate=_check, assemble=assemble, prompt_rows=prompt_rows)(build)
+@register_reward_source("preference", pairwise=False, validate=_check, assemble=assemble, prompt_rows=prompt_rows)
+def build(ctx) -> PreferenceJudge:
+    import torch.distributed as dist
+
+    from wz_engine.algorithms.reward_sources.pairwise import genrm
+    from wz_engine.judge.genrm import GenRM
+
+    cfg, p = ctx.cfg, ctx.cfg.judge.preference
+    heldout = _pairs(cfg)[1] if p.holdout or p.eval_data else []
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # the GenRM on the live policy (as judge.kind = "genrm" builds it) judges the held-out pairs
+    judge = genrm.build(ctx) if ctx.lm is not None else GenRM(None, ctx.tokenizer, cfg.judge.genrm)
+    return PreferenceJudge(judge, heldout[rank::world])
