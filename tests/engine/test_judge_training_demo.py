@@ -3,7 +3,7 @@ Qwen2, trained as the GenRM on synthetic pairs with verifiable rewards, goes fro
 judging held-out pairs by content in both orders; its export, evaluated by `wz judge eval`, scores the
 same; a BRPO run loads it as `judge.genrm.weight_sharing = "checkpoint"` and gets valid verdicts.
 
-Seeds 0-3 measured (bench/RESULTS.md): held-out accuracy 0.87-1.0, pair accuracy 0.77-1.0 at the end;
+Seeds 0-5 measured (bench/RESULTS.md): held-out accuracy 0.87-1.0, pair accuracy 0.77-1.0 at the end;
 the thresholds below sit under the worst of them and well above what the format alone gives.
 """
 

@@ -6,9 +6,9 @@ another topic and a disparaging word (`NEGATIVE`), each in random order. `label_
 programmatic judge: the labels' independent check, and the ceiling a judge can reach
 (`wz judge eval --judge wz_engine.demo.pairs:label_judge --data PAIRS`).
 
-Measured (bench/RESULTS.md): a tiny random Qwen2 learns these in ~60 steps; it does not learn, within the
-same budget, the harder rule "the chosen response repeats the prompt's key word" (token equality across
-the prompt), which is why the praising word is there.
+Measured (bench/RESULTS.md): a tiny random Qwen2 learns these in 75-100 RL steps (seeds 0-5); it does not
+learn, within the same budget, the harder rule "the chosen response contains the prompt's key word" (token
+equality with the prompt), which is why the praising word is there.
 """
 
 from __future__ import annotations
