@@ -128,3 +128,17 @@ def test_two_process_run_matches_one_process(trained, tmp_path):
         for key in ("heldout/accuracy", "heldout/invalid_rate", "heldout/accuracy_chosen_first"):
             assert ra[key] == pytest.approx(rb[key]), key  # 2 pairs per rank: the mean of equal shares
     assert a[0]["heldout/accuracy"] > 0.5  # the trained judge, judging
+
+
+def test_wz_demo_judge_command(tmp_path, capsys):
+    """The command's wiring and report (2 training steps: nothing is learned, so only the plumbing is checked)."""
+    from wz_engine.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--judge", "--set", f'train.output_dir="{out}"', "--set", "train.steps=2",
+                 "--set", "logging.progress_bar=false"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out judge metrics (both orders, greedy), start -> end:" in text and "BRPO with the exported judge" in text
+    summary = json.loads((out / "judge_demo.json").read_text())
+    assert summary["steps"] == 2 and summary["brpo"]["verdicts"] == 2 * 8 * 7 * 2
+    assert (out / "export" / "model.safetensors").is_file() and (out / "brpo" / "metrics.jsonl").is_file()
