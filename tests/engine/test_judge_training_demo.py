@@ -111,7 +111,8 @@ def test_two_process_run_matches_one_process(trained, tmp_path):
 
     out, s = trained
     sets = [f'model.path="{s["export"]}"', f'data.path="{out / "pairs.jsonl"}"', "train.steps=2",
-            "rollout.seed_per_prompt=true", "judge.preference.holdout=4", "judge.preference.eval_every=1",
+            "rollout.seed_per_prompt=true", "rollout.prompts_per_step=4", "rollout.group_size=4",
+            "judge.preference.holdout=4", "judge.preference.eval_every=1",
             "checkpoint.export_at_end=false", "logging.progress_bar=false"]
     args = [str(JUDGE_CONFIG), *[x for item in sets for x in ("--set", item)]]
     assert train_main([*args, "--set", f'train.output_dir="{tmp_path / "one"}"']) == 0
@@ -142,3 +143,8 @@ def test_wz_demo_judge_command(tmp_path, capsys):
     summary = json.loads((out / "judge_demo.json").read_text())
     assert summary["steps"] == 2 and summary["brpo"]["verdicts"] == 2 * 8 * 7 * 2
     assert (out / "export" / "model.safetensors").is_file() and (out / "brpo" / "metrics.jsonl").is_file()
+    # a rerun moves the previous run aside (nothing deleted) instead of refusing the directory
+    assert main(["demo", "--judge", "--set", f'train.output_dir="{out}"', "--set", "train.steps=1",
+                 "--set", "logging.progress_bar=false"]) == 0
+    assert json.loads((out / "judge_demo.json").read_text())["steps"] == 1
+    assert [json.loads(p.read_text())["steps"] for p in tmp_path.glob("demo.old-*/judge_demo.json")] == [2]

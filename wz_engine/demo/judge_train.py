@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+log = logging.getLogger("wz_engine")
 
 JUDGE_CONFIG = Path(__file__).with_name("judge_cpu.toml")
 SUMMARY_KEYS = ("accuracy", "pair_accuracy", "invalid_rate", "order_agreement", "position_bias")
@@ -25,14 +28,18 @@ JUDGE_SETTINGS = ("mode", "template", "system_prompt", "verdict_style", "score_m
 def train_judge(overrides: Sequence[str] = (), pairs: int = 600) -> dict:
     """Steps 1-2: {"start": held-out metrics, "end": ..., "train_seconds", "steps", "export"}."""
     from wz_engine import distributed as wzdist
+    from wz_engine import rundir
     from wz_engine.config import load_config
     from wz_engine.demo.pairs import write_pairs
     from wz_engine.trainer import Trainer
 
     overrides = [*overrides, "checkpoint.export_at_end=true"]  # step 3 needs the export
     cfg = load_config(JUDGE_CONFIG, overrides)
+    out = Path(cfg.train.output_dir)
+    if rundir.run_artifacts(out):  # a rerun: move the previous one aside (with its pairs), as `wz demo` does
+        log.warning("moved the previous judge demo run in %s to %s", out, rundir.move_aside(out))
     if not any(o.split("=", 1)[0].strip() == "data.path" for o in overrides):
-        path = write_pairs(Path(cfg.train.output_dir) / "pairs.jsonl", pairs, seed=cfg.train.seed)
+        path = write_pairs(out / "pairs.jsonl", pairs, seed=cfg.train.seed)
         cfg = load_config(JUDGE_CONFIG, [f'data.path="{path}"', *overrides])
     trainer = Trainer(cfg)
     with wzdist.gathered_for_generation(trainer.policy):
