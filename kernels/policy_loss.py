@@ -332,7 +332,8 @@ def high_entropy_mask(
     """Tokens in the top `top_quantile` of entropy among the masked-in ones (Beyond the 80/20 Rule; TRL's
     `get_high_entropy_mask` on one process): entropy >= torch.quantile(entropy[mask], 1 - top_quantile)
     (linear interpolation), always False where mask is 0. 1.0 keeps every token, 0.0 only the highest
-    entropy (ties included). No tokens -> all False. TRL takes the quantile over all processes' tokens
+    entropy (ties included). Compared in float32 whatever the entropy's dtype (TRL's entropies are float32,
+    and a threshold that lands on a token's own value must select it). No tokens -> all False. TRL takes the quantile over all processes' tokens
     (gathered); a caller that wants that computes the threshold itself and passes the mask as
     `policy_mask`.
     """
@@ -353,7 +354,7 @@ def high_entropy_mask(
         rank = torch.tensor(q * (ordered.numel() - 1), dtype=torch.float32, device=ordered.device)
         below = rank.long()
         threshold = torch.lerp(ordered[below], ordered[rank.ceil().long()], rank - below)
-    return ((entropy * valid.to(entropy.dtype)) >= threshold) & valid
+    return ((entropy.float() * valid.float()) >= threshold) & valid  # float32 throughout, as TRL
 
 
 def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *, clip_low, clip_high,
