@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_trainer(cls, model_dir, out_dir, **overrides):
+def make_trainer(cls, model_dir, out_dir, prompts=PROMPTS, callbacks=None, **overrides):
     from transformers import AutoTokenizer
 
     options = {  # bf16=False: fp32 throughout (TRL autocasts its LM head to bf16 by default)
@@ -52,8 +52,8 @@ def make_trainer(cls, model_dir, out_dir, **overrides):
     }
     options.update(overrides)
     trainer = cls(model=model_dir, reward_funcs=length_reward, args=GRPOConfig(**options),
-                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-                  processing_class=AutoTokenizer.from_pretrained(model_dir))
+                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                  processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=callbacks)
     trainer.current_gradient_accumulation_steps = GRAD_ACCUM  # set by Trainer's loop; compute_loss reads it
     trainer.model.train()
     return trainer
