@@ -13,8 +13,8 @@ Per token t of sequence b (all inputs [N] over packed tokens; `mask` selects the
       coef    = min(ratio, delta)  if delta is set (two-sided clipping, INTELLECT-2 / TRL), else ratio
       L_clip  = max(-A * coef, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
       L_pg    = min(L_clip, -A * dual_clip)  if A < 0 and dual_clip is set, else L_clip
-    loss_type "cispo" (MiniMax-M1, as TRL implements it: capped above only):
-      L_pg    = -sg(min(ratio, 1 + clip_high)) * A * logp
+    loss_type "cispo" (MiniMax-M1; clip_low >= 1: no lower bound, as TRL implements it):
+      L_pg    = -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp
     L_pg   *= policy_mask[t]  where given (e.g. `high_entropy_mask`: only the top-entropy tokens' policy term)
     d       = logp - ref_logp
     KL      = k1: d | k2: d^2 / 2 | k3: clamp(exp(-d) + d - 1, -10, 10) | k3+: k3's value, k2's gradient
@@ -22,8 +22,9 @@ Per token t of sequence b (all inputs [N] over packed tokens; `mask` selects the
     loss    = sum_t weights[t] * L_tok[t]          (weights from `aggregation_weights`, 0 on masked tokens)
 
 TRL's `loss_type`s in these terms: grpo / bnpo / dr_grpo / dapo / luspo are "ppo" with an aggregation
-(luspo = seq-mean-token-sum), cispo is "cispo" with clip_high = TRL's epsilon_high - 1 (TRL caps the ratio at
-epsilon_high itself); TRL's `delta` is `delta`, its `importance_sampling_level` is ours.
+(luspo = seq-mean-token-sum), cispo is "cispo" with clip_low = 1 and clip_high = TRL's epsilon_high - 1 (TRL
+caps at epsilon_high itself); TRL's `delta` is `delta`, its `importance_sampling_level` is ours. verl's cispo
+is "cispo" with its clip ratios.
 
 Gradient conventions (what the reference's autograd and the kernel both give):
   * a token whose clipped branch is strictly larger than the unclipped one ("clipped") takes the
@@ -374,7 +375,7 @@ def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *,
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     no_token = torch.zeros_like(valid)
     if loss_type == "cispo":
-        pg = -torch.clamp(ratio, max=hi).detach() * adv * logp
+        pg = -torch.clamp(ratio, lo, hi).detach() * adv * logp
         clipped_low, clipped_high, dual_active = no_token, (ratio > hi) & (adv > 0), no_token
     else:
         coef = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -628,8 +629,8 @@ if triton is not None:
 
             in_clamp = (log_w >= -20.0) & (log_w <= 20.0)  # torch.clamp passes grad at the bounds
             ratio = tl.exp(tl.minimum(tl.maximum(log_w, -20.0), 20.0))
-            if CISPO:  # -sg(min(ratio, hi)) * A * logp: gradient only through logp itself
-                capped = tl.minimum(ratio, ratio_hi)
+            if CISPO:  # -sg(clip(ratio, lo, hi)) * A * logp: gradient only through logp itself
+                capped = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
                 pg = -capped * adv * logp
                 d_own = -capped * adv
                 d_lw = tl.zeros([BLOCK], dtype=tl.float32)

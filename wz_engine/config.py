@@ -149,8 +149,9 @@ class AlgorithmConfig:
     "ppo_clip" (token ratio), "gspo" (GSPO: one ratio per sequence, exp of its mean token log-ratio,
     clipped per sequence; the paper aggregates with agg = "seq-mean-token-mean"), "gspo_token" (GSPO-token:
     the sequence ratio's value, each token's own gradient), "luspo" (GSPO with each sequence's loss
-    scaled by its length: agg "seq-mean-token-sum"), "cispo" (MiniMax-M1: -sg(min(ratio, 1 + clip_high))
-    * A * logp, no clipping of the gradient; ScaleRL uses clip_high = 4); or a module path
+    scaled by its length: agg "seq-mean-token-sum"), "cispo" (MiniMax-M1: -sg(clip(ratio, 1 - clip_low,
+    1 + clip_high)) * A * logp, no gradient clipped away; clip_low = 1: no lower bound, as TRL; ScaleRL
+    uses clip_high = 4); or a module path
     "pkg.module:name" to a PolicyLoss of your own."""
     custom: dict[str, Any] = field(default_factory=dict)
     """Options of a custom estimator or loss (a table, e.g. custom = { beta = 0.5 }); built-ins ignore it."""

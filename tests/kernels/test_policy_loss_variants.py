@@ -59,7 +59,8 @@ def loop_variant_loss(b, *, loss_type, level, delta, dual_clip, clip_low, clip_h
         r = math.exp(min(max(log_w, -20.0), 20.0))
         dr = r if -20 <= log_w <= 20 else 0.0  # d ratio / d log_w
         if loss_type == "cispo":
-            lt, g_own, g_lw = -min(r, hi) * a * logp[i], -min(r, hi) * a, 0.0
+            weight = min(max(r, lo), hi)
+            lt, g_own, g_lw = -weight * a * logp[i], -weight * a, 0.0
         else:
             coef, d_coef = (r, dr) if delta is None or r <= delta else (delta, 0.0)
             clipped = min(max(r, lo), hi)
@@ -89,9 +90,12 @@ def loop_variant_loss(b, *, loss_type, level, delta, dual_clip, clip_low, clip_h
 
 
 def variant_kwargs(loss_type, level, delta, dual_clip):
-    # cispo caps the ratio at 1 + clip_high: 0.3 makes the cap bind on this batch
+    # cispo clips its weight to [1 - clip_low, 1 + clip_high]: the lower bound binds in the sequence variants
+    # (clip_low 0.2), TRL's cap alone (clip_low 1) in the token one
+    cispo_low = 1.0 if level == "token" else 0.2
     return {"loss_type": loss_type, "importance_sampling_level": level, "delta": delta,
-            "dual_clip": dual_clip, "clip_low": 0.2, "clip_high": 0.28 if loss_type == "ppo" else 0.3}
+            "dual_clip": dual_clip, "clip_low": 0.2 if loss_type == "ppo" else cispo_low,
+            "clip_high": 0.28 if loss_type == "ppo" else 0.3}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -176,7 +180,7 @@ def test_hand_computed_gspo_and_cispo(impl):
     loss, grad, _ = run(impl, b, importance_sampling_level="sequence_token", clip_high=0.5)
     assert loss.item() == pytest.approx(-r, rel=1e-6)
     assert torch.allclose(grad.double(), torch.tensor([-r / 2, -r / 2, 0.0], dtype=torch.float64))
-    # CISPO, cap 1.2 at token level: token 0 (ratio 2) capped -> -1.2 * logp, token 1 -> -1 * logp
+    # CISPO, clip [0.8, 1.2] at token level: token 0 (ratio 2) capped -> -1.2 * logp, token 1 -> -1 * logp
     loss, grad, metrics = run(impl, b, loss_type="cispo", clip_high=0.2)
     assert loss.item() == pytest.approx((1.2 * -1.0 + 1.0 * -2.0) / -2, rel=1e-6)
     assert torch.allclose(grad.double(), torch.tensor([-1.2 / 2, -1.0 / 2, 0.0], dtype=torch.float64))
@@ -277,11 +281,12 @@ def test_bad_variant_raises_value_error_naming_argument(impl, bad, name):
 
 
 def test_cispo_accepts_a_cap_below_one():
-    """TRL's cispo caps at epsilon_high itself, which may be < 1 (its default 0.2): clip_high = -0.8."""
+    """TRL's cispo caps at epsilon_high itself, which may be < 1 (its default 0.2): clip_high = -0.8, and no
+    lower bound: clip_low = 1."""
     b = make_batch(30, 6, seed=67)
-    loss, grad, metrics = run("triton", b, loss_type="cispo", clip_high=-0.8, kl_coef=0.0, ref_logprobs=None)
-    loss64, grad64, _ = run("ref64", b, dtype=torch.float64, loss_type="cispo", clip_high=-0.8, kl_coef=0.0,
-                            ref_logprobs=None)
+    cfg = {"loss_type": "cispo", "clip_low": 1.0, "clip_high": -0.8, "kl_coef": 0.0, "ref_logprobs": None}
+    loss, grad, metrics = run("triton", b, **cfg)
+    loss64, grad64, _ = run("ref64", b, dtype=torch.float64, **cfg)
     assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5)
     assert_close_to_reference(grad, grad64, atol=1e-7, rtol=1e-5)
     assert metrics["clip_frac_high"].item() > 0

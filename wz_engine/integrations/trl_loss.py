@@ -11,7 +11,8 @@
 
     max_len = max_completion_length; D = num_items_in_batch / processes * GA / steps_per_generation (TRL's
     global normaliser; no GA division);
-    cispo's cap is epsilon_high itself: clip_high = epsilon_high - 1 (wz caps at 1 + clip_high).
+    cispo's cap is epsilon_high itself, with no lower bound: clip_high = epsilon_high - 1, clip_low = 1 (wz clips
+    cispo's weight to [1 - clip_low, 1 + clip_high]).
 
 `epsilon` / `epsilon_high` -> clip_low / clip_high; `delta` -> delta (two-sided clipping; TRL applies it to
 the clipped losses only, not to cispo); `importance_sampling_level` "token" / "sequence" -> the same level
@@ -118,8 +119,11 @@ class TRLObjective:
                    bool(getattr(args, "use_bias_correction_kl", False)))
 
     def kernel_options(self) -> dict:
-        clip_high = self.epsilon_high - 1.0 if self.loss_type == "cispo" else self.epsilon_high
-        return {"clip_low": self.epsilon_low, "clip_high": clip_high, "delta": self.delta,
+        if self.loss_type == "cispo":  # TRL: sg(min(ratio, epsilon_high)), no lower bound
+            clip_low, clip_high = 1.0, self.epsilon_high - 1.0
+        else:
+            clip_low, clip_high = self.epsilon_low, self.epsilon_high
+        return {"clip_low": clip_low, "clip_high": clip_high, "delta": self.delta,
                 "loss_type": self.loss_type, "importance_sampling_level": self.importance_sampling_level}
 
     def clipped_sequences(self, log_w: torch.Tensor, advantages: torch.Tensor,

@@ -1,9 +1,9 @@
-"""CISPO (MiniMax-M1; TRL's loss_type="cispo"): L = -sg(min(ratio, 1 + clip_high)) * A * logp per token.
-The importance weight is capped and detached, so no token's gradient is ever clipped away (PPO drops
-the gradient of clipped tokens); TRL caps at its epsilon_high (= 1 + clip_high here; ScaleRL: 5, i.e.
-clip_high = 4) and, like MiniMax-M1 in practice, sets no lower bound (clip_low is unused). The KL term
-and the aggregation are the config's. `clip_frac_high` reports the capped tokens with A > 0 (TRL's
-cispo_clip_ratio)."""
+"""CISPO (MiniMax-M1; TRL's and verl's loss_type "cispo"): L = -sg(clip(ratio, 1 - clip_low, 1 + clip_high))
+* A * logp per token. The importance weight is clipped and detached, so no token's gradient is ever
+clipped away (PPO drops the gradient of clipped tokens). TRL caps at its epsilon_high (= 1 + clip_high;
+ScaleRL: 5, i.e. clip_high = 4) with no lower bound (clip_low = 1, as MiniMax-M1 runs it); verl clips
+both sides. The KL term and the aggregation are the config's. `clip_frac_high` reports the capped tokens
+with A > 0 (TRL's cispo_clip_ratio)."""
 
 from wz_engine.algorithms.loss import register_policy_loss
 from wz_engine.algorithms.losses.ppo_clip import FusedClipLoss
