@@ -11,8 +11,8 @@
 
     max_len = max_completion_length; D = num_items_in_batch / processes * GA / steps_per_generation (TRL's
     global normaliser; no GA division);
-    cispo's cap is epsilon_high itself, with no lower bound: clip_high = epsilon_high - 1, clip_low = 1 (wz clips
-    cispo's weight to [1 - clip_low, 1 + clip_high]).
+    cispo's cap is epsilon_high itself, with no lower bound: clip_high = epsilon_high - 1, clip_low = 1
+    (wz clips cispo's weight to [1 - clip_low, 1 + clip_high]).
 
 `epsilon` / `epsilon_high` -> clip_low / clip_high; `delta` -> delta (two-sided clipping; TRL applies it to
 the clipped losses only, not to cispo); `importance_sampling_level` "token" / "sequence" -> the same level
