@@ -616,25 +616,27 @@ if triton is not None:
             valid = m != 0.0
             # masked tokens are zeroed before any arithmetic: garbage (NaN/Inf) there cannot leak
             logp = tl.where(valid, tl.load(logp_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+            if IS_LEVEL == 0:
+                old = tl.where(valid, tl.load(old_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+            else:
+                log_w = tl.where(valid, tl.load(lw_ptr + offs, mask=in_bounds, other=0.0), 0.0)
             adv = tl.where(valid, tl.load(adv_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
             if W_IS_SCALE:
                 w = m * w_scale
             else:
                 w = tl.where(valid, tl.load(w_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
-            if IS_LEVEL == 0:
-                old = tl.where(valid, tl.load(old_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
-                log_w = logp - old
-            else:
-                log_w = tl.where(valid, tl.load(lw_ptr + offs, mask=in_bounds, other=0.0), 0.0)
 
+            if IS_LEVEL == 0:
+                log_w = logp - old
             in_clamp = (log_w >= -20.0) & (log_w <= 20.0)  # torch.clamp passes grad at the bounds
             ratio = tl.exp(tl.minimum(tl.maximum(log_w, -20.0), 20.0))
             if CISPO:  # -sg(clip(ratio, lo, hi)) * A * logp: gradient only through logp itself
-                capped = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
-                pg = -capped * adv * logp
-                d_own = -capped * adv
+                weight = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+                pg = -weight * adv * logp
+                d_own = -weight * adv
                 d_lw = tl.zeros([BLOCK], dtype=tl.float32)
-                acc_high += tl.where((ratio > ratio_hi) & (adv > 0.0), m, 0.0)
+                is_low = tl.zeros([BLOCK], dtype=tl.int1)
+                is_high = (ratio > ratio_hi) & (adv > 0.0)
             else:
                 if HAS_DELTA:
                     coef = tl.minimum(ratio, delta)
@@ -649,12 +651,12 @@ if triton is not None:
                     d_coef = tl.where(clip_active, tl.where(inside, ratio, 0.0),
                                       tl.where(ratio <= delta, ratio, 0.0))
                     d_lw = tl.where(in_clamp, -adv * d_coef, 0.0)
-                    acc_low += tl.where((coef < ratio_lo) & (adv < 0.0), m, 0.0)
-                    acc_high += tl.where((coef > ratio_hi) & (adv > 0.0), m, 0.0)
+                    is_low = (coef < ratio_lo) & (adv < 0.0)
+                    is_high = (coef > ratio_hi) & (adv > 0.0)
                 else:  # a strictly larger clipped branch is outside [lo, hi]: constant, gradient 0
                     d_lw = tl.where(clip_active | (~in_clamp), 0.0, unclipped)  # d(-A*ratio)/dlog_w
-                    acc_low += tl.where(clip_active & (adv < 0.0), m, 0.0)
-                    acc_high += tl.where(clip_active & (adv > 0.0), m, 0.0)
+                    is_low = clip_active & (adv < 0.0)
+                    is_high = clip_active & (adv > 0.0)
                 if HAS_DUAL:
                     dual_bound = -adv * dual_clip
                     dual_active = (adv < 0.0) & (pg > dual_bound)
@@ -703,6 +705,8 @@ if triton is not None:
                 tl.store(dlw_ptr + offs, tl.where(valid, w * d_lw, 0.0), mask=in_bounds)
 
             acc_tok += m
+            acc_low += tl.where(is_low, m, 0.0)
+            acc_high += tl.where(is_high, m, 0.0)
             acc_ratio += m * ratio
             acc_unw += m * total
             acc_loss += w * total
@@ -728,6 +732,10 @@ if triton is not None:
 # token), so the goal is bytes in flight: 28 warps x 32 x 4 tokens x ~21 B read ~ 75 KB per SM, ~3x
 # what 4.3 TB/s x ~700 ns of latency needs across 132 SMs. The persistent grid is exactly one wave of
 # the least-resident variant (7 blocks per SM): every program is resident, none waits for a slot.
+# The loss variants (2026-11-30, the same compile of bench/audit's policy-loss cases plus these): cispo
+# 56-64 registers, sequence / sequence_token 64-72, policy_mask 61, k3+ 72 (was 77): 7-9 blocks per SM,
+# no spills; two-sided clip (delta) 72-75 and sequence + delta + dual + policy_mask 79: 6 blocks per SM
+# there, so one program in seven waits for a slot in those (non-default) configurations only.
 _CUDA_BLOCK, _CUDA_WARPS, _CUDA_BLOCKS_PER_SM = 512, 4, 7
 
 
