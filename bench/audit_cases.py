@@ -128,8 +128,9 @@ def logprob_cases() -> list[AuditCase]:
 POLICY_TOKENS = 1 << 24
 
 
-def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool, loss_type: str = "ppo",
-                     level: str = "token", delta: float | None = None, policy_mask: bool = False):
+def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool,
+                     loss_type: str = "ppo", level: str = "token", delta: float | None = None,
+                     policy_mask: bool = False):
     policy_loss = importlib.import_module("wz_kernels.policy_loss")  # the module (wz_kernels re-exports same-named functions)
 
     def run():
