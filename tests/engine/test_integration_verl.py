@@ -268,6 +268,7 @@ def test_index_to_group_ids_is_a_consistent_factorisation():
 def test_compute_policy_loss_vanilla_config_and_rollout_weights():
     old, new64, adv, mask = padded_batch(seed=8)
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    weights[:, ::2] = 0.0  # zero weights (rejected samples): they still count in the clip metrics, as in verl
     config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=3.0,
                              global_batch_info={})
     loss, metrics = wz_verl.compute_policy_loss_vanilla(old.float(), new64.float(), adv.float(), mask,
@@ -282,6 +283,12 @@ def test_compute_policy_loss_vanilla_config_and_rollout_weights():
     want = verl_agg_loss(per_token, mask.double(), "token-mean")
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    # verl computes the clip metrics on the unweighted advantages
+    _, clipfrac, ppo_kl, clipfrac_lower = verl_policy_loss(old, new64, adv, mask.double(), 0.2, 0.28, 3.0,
+                                                           "token-mean")
+    for key, want_metric in (("actor/pg_clipfrac", clipfrac), ("actor/ppo_kl", ppo_kl),
+                             ("actor/pg_clipfrac_lower", clipfrac_lower)):
+        assert metrics[key] == pytest.approx(float(want_metric), rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize("call,match", [

@@ -1,7 +1,7 @@
-"""The verl wrappers against verl's OWN functions (verl 0.9.1's core_algos.py, imported by tests/engine/verl_peer.py)
-on the same inputs: float64 in, float64 out, to float64 rounding; rewards with a large common offset
-(1e4 + 0.01 x noise), rollout importance-sampling weights with zeros, verl's positional calls, and every
-signature checked against verl's. Skipped (with the reason) where verl is not installed."""
+"""The verl wrappers against verl's OWN functions (verl 0.9.1's core_algos.py, imported by
+tests/engine/verl_peer.py) on the same inputs: float64 in, float64 out, to float64 rounding; rewards with a
+large common offset (1e4 + 0.01 x noise), rollout importance-sampling weights with zeros, verl's positional
+calls, and every signature checked against verl's. Skipped (with the reason) where verl is not installed."""
 
 import inspect
 
@@ -16,7 +16,8 @@ if verl_source() is None:
     pytest.skip(f"verl is not installed: pip install --no-deps verl=={VERL_VERSION} (or set WZ_VERL_SRC)",
                 allow_module_level=True)
 verl = load_core_algos()
-AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm"]
 F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64 against float64: rounding only
 
 
@@ -55,7 +56,8 @@ def positional(fn):
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-@pytest.mark.parametrize("name", ["agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "kl_penalty"])
+@pytest.mark.parametrize("name", ["agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla",
+                                  "kl_penalty"])
 def test_positional_signature_is_verls(name):
     verl_fn = inspect.unwrap(getattr(verl, name))
     assert positional(getattr(wz_verl, name)) == positional(verl_fn)
@@ -73,7 +75,8 @@ def test_get_adv_estimator_fn_covers_verls_names_it_implements_and_names_the_res
         else:
             with pytest.raises(ValueError, match=rf"{member.value!r} is not provided by wz.*available: \["):
                 wz_verl.get_adv_estimator_fn(member)
-    assert {"grpo", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "gpg"} <= set(wz_verl.ADV_ESTIMATORS)
+    implemented = {"grpo", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "gpg"}
+    assert implemented <= set(wz_verl.ADV_ESTIMATORS)
 
 
 # ------------------------------------------------------------------------------------- advantages
@@ -100,7 +103,7 @@ def test_advantages_equal_verls_in_float64_with_large_offsets(name, kwargs):
     _, _, _, mask = padded(b, t, seed=4)
     rewards = large_offset_rewards(b, t, mask, seed=5)
     index = np.array(GROUPS, dtype=object)
-    want, want_returns = verl.get_adv_estimator_fn(name)(rewards.clone(), mask, index, **kwargs)
+    want, _ = verl.get_adv_estimator_fn(name)(rewards.clone(), mask, index, **kwargs)
     got, got_returns = wz_verl.get_adv_estimator_fn(name)(rewards, mask, index, **kwargs)
     assert got.dtype == torch.float64 and got_returns is got
     # Two places where verl itself rounds to float32 (ours is exact): GPG's alpha = B / #non-zero, and a
@@ -195,8 +198,8 @@ def test_agg_loss_equals_verls(mode, global_info):
     torch.testing.assert_close(ours.grad, ref.grad, **F64)
 
 
-@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+",
-                                  "k2+"])
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+",
+                                  "low_var_kl+", "k2+"])
 def test_kl_penalty_equals_verls(name):
     g = torch.Generator().manual_seed(8)
     logp = -torch.rand(6, 9, generator=g, dtype=torch.float64) * 4

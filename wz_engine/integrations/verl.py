@@ -1,4 +1,4 @@
-"""verl's policy-loss, KL and advantage functions, by verl's names, signatures and semantics, backed by wz kernels.
+"""verl's policy-loss, KL and advantage functions by verl's names, signatures and semantics, on wz kernels.
 
 A verl user swaps an import::
 
@@ -68,7 +68,8 @@ __all__ = [
     "kl_penalty",
 ]
 
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                  "seq-mean-token-sum-norm")
 KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 
@@ -117,8 +118,9 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     """
     _check_padded({"loss_mat": loss_mat, "loss_mask": loss_mask})
     dtype = torch.float64 if loss_mat.dtype == torch.float64 else torch.float32
-    weights = _token_weights(loss_mask, loss_agg_mode, dtype, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                             global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+    weights = _token_weights(loss_mask, loss_agg_mode, dtype, dp_size=dp_size,
+                             batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                             loss_scale_factor=loss_scale_factor)
     valid = loss_mask.bool()
     return (weights[valid] * loss_mat[valid].to(dtype)).sum()
 
@@ -140,14 +142,15 @@ def _kl_value(logprob: torch.Tensor, ref_logprob: torch.Tensor, name: str) -> to
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
     """verl's per-token KL estimate between the policy and the reference, by estimator name.
 
-    "kl"/"k1": d; "abs": |d|; "mse"/"k2": d^2/2; "low_var_kl"/"k3": exp(-d) + d - 1 (d = logprob - ref_logprob,
+    "kl"/"k1": d; "abs": |d|; "mse"/"k2": d^2/2; "low_var_kl"/"k3": exp(-d) + d - 1 (d = logprob - ref,
     -d clamped to +-20, the estimate to +-10). A "+" suffix (e.g. "k3+") keeps the estimator's value and uses
     the k2 gradient (straight-through), as verl documents. "full" needs whole-vocabulary logits: ValueError.
     """
     if logprob.shape != ref_logprob.shape:
         raise ValueError(f"logprob {tuple(logprob.shape)} and ref_logprob {tuple(ref_logprob.shape)} differ")
     if kl_penalty == "full":
-        raise ValueError("kl_penalty='full' needs whole-vocabulary logits, which this integration never builds")
+        raise ValueError("kl_penalty='full' needs whole-vocabulary logits, which this integration never "
+                         "builds")
     straight_through = kl_penalty.endswith("+") and kl_penalty not in ("mse+", "k2+")
     value = _kl_value(logprob, ref_logprob, kl_penalty.rstrip("+"))
     if not straight_through:
@@ -157,17 +160,19 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
 
 
 def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, cliprange: float | None = None, cliprange_low: float | None = None,
-                        cliprange_high: float | None = None, clip_ratio_c: float = 3.0,
-                        loss_agg_mode: str = "token-mean", *, dp_size: int = 1, batch_num_tokens: int | None = None,
-                        global_batch_size: int | None = None, loss_scale_factor: int | None = None,
-                        rollout_is_weights: torch.Tensor | None = None):
-    """verl's dual-clip PPO policy loss on padded [B, T] tensors -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
+                        response_mask: torch.Tensor, cliprange: float | None = None,
+                        cliprange_low: float | None = None, cliprange_high: float | None = None,
+                        clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean", *, dp_size: int = 1,
+                        batch_num_tokens: int | None = None, global_batch_size: int | None = None,
+                        loss_scale_factor: int | None = None, rollout_is_weights: torch.Tensor | None = None):
+    """verl's dual-clip PPO policy loss on padded [B, T] tensors
+    -> (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
 
-    Positional arguments as verl's (`compute_policy_loss(old, new, adv, mask, 0.2)`). ratio = exp(clamp(log_prob
-    - old_log_prob, +-20)); per token max(-A*ratio, -A*clip(ratio, 1-low, 1+high)), and for A < 0 additionally
-    capped at -A*clip_ratio_c; times `rollout_is_weights` [B, T] when given (verl's vanilla loss; any sign, no
-    gradient); aggregated by `loss_agg_mode` (see `agg_loss`, whose global-batch keywords are accepted here too).
+    Positional arguments as verl's (`compute_policy_loss(old, new, adv, mask, 0.2)`). ratio =
+    exp(clamp(log_prob - old_log_prob, +-20)); per token max(-A*ratio, -A*clip(ratio, 1-low, 1+high)), and
+    for A < 0 additionally capped at -A*clip_ratio_c; times `rollout_is_weights` [B, T] when given (verl's
+    vanilla loss; any sign, no gradient); aggregated by `loss_agg_mode` (see `agg_loss`, whose global-batch
+    keywords are accepted here too).
     `pg_loss` is differentiable in `log_prob`. The metrics are 0-d tensors computed as verl does, on the
     unweighted advantages: fraction of valid tokens where the clipped term is active, mean of old - new
     log-prob, fraction where the dual clip is active (A < 0).
@@ -182,8 +187,8 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         raise ValueError("give cliprange, or both cliprange_low and cliprange_high")
     exact = log_prob.dtype == torch.float64  # float64 in: the float64 reference, float64 out
     weights = _token_weights(response_mask, loss_agg_mode, torch.float64 if exact else torch.float32,
-                             dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
-                             loss_scale_factor=loss_scale_factor)
+                             dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                             global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
     valid = response_mask.bool()
     policy_mask = None
     if rollout_is_weights is not None:
@@ -191,8 +196,9 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         policy_mask = rollout_is_weights.detach()[valid]
     dtype = torch.float64 if exact else log_prob.dtype
     # verl's aggregation weights as the kernel's per-token mask weights: token-mean over a global count of 1
-    kwargs = {"clip_low": float(cliprange_low), "clip_high": float(cliprange_high), "dual_clip": float(clip_ratio_c),
-              "policy_mask": policy_mask, "agg": "token-mean", "global_tokens": 1.0}
+    kwargs = {"clip_low": float(cliprange_low), "clip_high": float(cliprange_high),
+              "dual_clip": float(clip_ratio_c), "policy_mask": policy_mask, "agg": "token-mean",
+              "global_tokens": 1.0}
     args = (log_prob[valid], old_log_prob[valid].to(dtype), advantages[valid].to(dtype), weights[valid])
     if exact:
         pg_loss, _ = policy_loss_reference(*args, upcast=True, **kwargs)
@@ -200,18 +206,19 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         pg_loss, _ = policy_loss(*args, **kwargs)
     with torch.no_grad():
         pg_clipfrac, ppo_kl, pg_clipfrac_lower = _ppo_metrics(
-            old_log_prob, log_prob.detach(), advantages, response_mask, cliprange_low, cliprange_high, clip_ratio_c)
+            old_log_prob, log_prob.detach(), advantages, response_mask, cliprange_low, cliprange_high,
+            clip_ratio_c)
     return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
 
 
 def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
-                                rollout_is_weights: torch.Tensor | None = None):
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                config: Any = None, rollout_is_weights: torch.Tensor | None = None):
     """verl's registered "vanilla" policy loss -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
     "actor/pg_clipfrac_lower": float}).
 
-    `config` is verl's ActorConfig or anything with `clip_ratio`, `clip_ratio_low`, `clip_ratio_high`, optional
-    `clip_ratio_c` (default 3.0) and optional `global_batch_info` (dict of `agg_loss` keywords).
+    `config` is verl's ActorConfig or anything with `clip_ratio`, `clip_ratio_low`, `clip_ratio_high`,
+    optional `clip_ratio_c` (default 3.0) and optional `global_batch_info` (dict of `agg_loss` keywords).
     `rollout_is_weights` [B, T] (no gradient) multiply the per-token loss after the clipping, as verl; the
     clip metrics are those of the unweighted advantages, as verl's.
     """

@@ -94,7 +94,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any,
-                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True, config: Any = None):
+                                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                   config: Any = None):
     """verl's GRPO outcome advantage -> (advantages [B, T], returns [B, T]).
 
     A = (score - mean_g) / (std_g + epsilon) with the unbiased std, or score - mean_g when
@@ -123,7 +124,8 @@ def compute_rloo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
 
 @torch.no_grad()
 def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
-                                              index: Any, epsilon: float = 1e-6, config: Any = None, **kwargs):
+                                              index: Any, epsilon: float = 1e-6, config: Any = None,
+                                              **kwargs):
     """verl's vectorised RLOO: as RLOO, but a singleton gets 0 (the kernel's own convention)."""
     scores, group_ids = _outcome_scores(token_level_rewards, response_mask, index)
     out = _advantages(scores, group_ids, "rloo").unsqueeze(-1) * response_mask
@@ -133,13 +135,14 @@ def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor,
 @torch.no_grad()
 def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: torch.Tensor,
                                                            response_mask: torch.Tensor, index: Any,
-                                                           epsilon: float = 1e-6, config: Any = None, **kwargs):
-    """verl's REINFORCE++-baseline: score - mean_g (singleton: score), broadcast over tokens, then whitened over
-    the valid TOKENS of the batch (verl's `masked_whiten`: token-weighted mean, unbiased variance, rsqrt(var +
-    1e-8)) and multiplied by the mask.
+                                                           epsilon: float = 1e-6, config: Any = None,
+                                                           **kwargs):
+    """verl's REINFORCE++-baseline: score - mean_g (singleton: score), broadcast over tokens, then whitened
+    over the valid TOKENS of the batch (verl's `masked_whiten`: token-weighted mean, unbiased variance,
+    rsqrt(var + 1e-8)) and multiplied by the mask.
 
-    The group baseline runs in the wz group statistics; the whitening stays token-weighted as in verl, which is
-    why the kernel's own `reinforce_pp_baseline` (whitened once per sequence) is not used here.
+    The group baseline runs in the wz group statistics; the whitening stays token-weighted as in verl, which
+    is why the kernel's own `reinforce_pp_baseline` (whitened once per sequence) is not used here.
     """
     scores, group_ids = _outcome_scores(token_level_rewards, response_mask, index)
     centred = _advantages(scores, group_ids, "dr_grpo")  # a singleton keeps its score, as in verl
@@ -147,7 +150,8 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: 
     mask = response_mask.to(values.dtype)
     count = mask.sum()
     if count <= 1:
-        raise ValueError(f"response_mask must select at least 2 tokens for whitening, got {int(count.item())}")
+        raise ValueError(f"response_mask must select at least 2 tokens for whitening, "
+                         f"got {int(count.item())}")
     mean = _masked_mean(values, mask)
     var = _masked_mean((values - mean) ** 2, mask) * count / (count - 1)
     out = (values - mean) * torch.rsqrt(var + 1e-8) * mask
@@ -156,8 +160,8 @@ def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: 
 
 @torch.no_grad()
 def compute_gpg_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any,
-                                  epsilon: float = 1e-6, f_norm: float = 1.0, alpha: float = 1.0, config: Any = None,
-                                  **kwargs):
+                                  epsilon: float = 1e-6, f_norm: float = 1.0, alpha: float = 1.0,
+                                  config: Any = None, **kwargs):
     """verl's GPG: A = alpha * (score - mean_g) / f_norm with alpha = B / max(#rows with a non-zero score, 1)
     (verl recomputes alpha and ignores the argument; so does this); a singleton keeps its score. alpha is
     exact here (verl's is the float32 quotient)."""
@@ -178,7 +182,8 @@ ADV_ESTIMATORS: dict[str, Callable] = {
 # verl's other names, and why they are not here (grpo_vectorized is GRPO with a variance floor of eps and
 # float32 sums: use "grpo", the same estimator computed exactly)
 NOT_PROVIDED = {
-    "grpo_vectorized": "use 'grpo' (the same estimator; verl's vectorised one floors the variance at epsilon)",
+    "grpo_vectorized": "use 'grpo' (the same estimator; verl's vectorised one floors the variance at "
+                       "epsilon)",
     "gae": "needs a value model", "reinforce_plus_plus": "token-level discounted returns, no group baseline",
     "remax": "needs greedy-baseline rewards", "opo": "length-weighted baseline", "grpo_passk": "pass@k",
     "gdpo": "per-dimension rewards", "optimal_token_baseline": "needs per-token variances",
@@ -187,11 +192,12 @@ NOT_PROVIDED = {
 
 
 def get_adv_estimator_fn(name_or_enum: Any) -> Callable:
-    """verl's `get_adv_estimator_fn` for the estimators implemented here (a name or verl's AdvantageEstimator).
+    """verl's `get_adv_estimator_fn` for the estimators implemented here (a name or an AdvantageEstimator).
 
     Any other name is a ValueError listing the ones provided (and, for verl's others, why not)."""
     name = getattr(name_or_enum, "value", name_or_enum)
     if name in ADV_ESTIMATORS:
         return ADV_ESTIMATORS[name]
     why = f" ({NOT_PROVIDED[name]})" if name in NOT_PROVIDED else ""
-    raise ValueError(f"advantage estimator {name!r} is not provided by wz{why}; available: {sorted(ADV_ESTIMATORS)}")
+    raise ValueError(f"advantage estimator {name!r} is not provided by wz{why}; "
+                     f"available: {sorted(ADV_ESTIMATORS)}")
