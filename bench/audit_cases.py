@@ -128,7 +128,9 @@ def logprob_cases() -> list[AuditCase]:
 POLICY_TOKENS = 1 << 24
 
 
-def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool):
+def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool,
+                     loss_type: str = "ppo", level: str = "token", delta: float | None = None,
+                     policy_mask: bool = False):
     policy_loss = importlib.import_module("wz_kernels.policy_loss")  # the module (wz_kernels re-exports same-named functions)
 
     def run():
@@ -136,9 +138,27 @@ def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_w
         logp, old, adv = _empty(n), _empty(n), _empty(n)
         ref = None if kl_estimator is None else _empty(n)
         weights = _empty(()) if scalar_weight else _empty(n)
-        policy_loss._policy_loss_terms_triton(
-            logp, old, adv, _empty(n, dtype=torch.bool), weights, ref, 0.2, 0.28, dual_clip,
-            0.0 if kl_estimator is None else 0.05, kl_estimator or "k3")
+        pmask = _empty(n, dtype=torch.bool) if policy_mask else None
+        if level == "token":
+            policy_loss._policy_loss_terms_triton(
+                logp, old, adv, _empty(n, dtype=torch.bool), weights, ref, 0.2, 0.28, dual_clip,
+                0.0 if kl_estimator is None else 0.05, kl_estimator or "k3", loss_type=loss_type, delta=delta,
+                policy_mask=pmask)
+            return
+        # Sequence levels: the launcher's O(N) torch segment sums cannot run on fake tensors, so the kernel is
+        # launched as the launcher launches it (its launch config, its constexprs), with the per-token
+        # sequence log-ratio and the d loss / d log_w output as plain [N] float32 tensors.
+        block, programs, warps = policy_loss._launch_config(n, torch.device("cuda"))
+        cispo = loss_type == "cispo"
+        policy_loss._policy_loss_fwd_bwd_kernel[(programs,)](
+            logp, old, adv, logp if ref is None else ref, _empty(n, dtype=torch.uint8), weights, _empty(n),
+            logp if pmask is None else pmask.view(torch.uint8), _empty(n), _empty(n),
+            _empty(programs, len(policy_loss.STAT_NAMES)), n, -(-n // block), 0.8, 1.28,
+            0.0 if dual_clip is None else dual_clip, 0.05, 0.0 if delta is None else delta,
+            HAS_DUAL=dual_clip is not None, W_IS_SCALE=scalar_weight,
+            KL_KIND=policy_loss._KL_KIND[kl_estimator], CISPO=cispo,
+            IS_LEVEL=2 if cispo or level == "sequence_token" else 1, HAS_DELTA=delta is not None,
+            HAS_PMASK=policy_mask, NUM_STATS=len(policy_loss.STAT_NAMES), BLOCK=block, num_warps=warps)
 
     return run
 
@@ -148,11 +168,28 @@ def policy_loss_cases() -> list[AuditCase]:
 
     variants = [(None, None, False), *((kl, None, False) for kl in KL_ESTIMATORS), ("k3", 3.0, False),
                 ("k3", None, True)]
-    return [
+    cases = [
         AuditCase("policy_loss", f"N=2^24 kl={kl or 'none'}{' dual' if dual else ''}"
                   f"{' scalar-weight' if scalar else ''}", torch.float32, _policy_loss_run(kl, dual, scalar), True)
         for kl, dual, scalar in variants
     ]
+    # the loss variants (GSPO, GSPO-token, CISPO, two-sided clip, top-entropy policy mask), as the trainer and
+    # the TRL / verl wrappers launch them
+    loss_variants = [
+        ("delta", ("k3", None, True), {"delta": 1.5}),
+        ("delta dual", ("k3", 3.0, False), {"delta": 1.5}),
+        ("cispo", ("k3", None, True), {"loss_type": "cispo"}),
+        ("cispo sequence policy-mask", ("k3", None, False),
+         {"loss_type": "cispo", "level": "sequence", "policy_mask": True}),
+        ("sequence", ("k3", None, True), {"level": "sequence"}),
+        ("sequence delta dual policy-mask", ("k3", 3.0, False),
+         {"level": "sequence", "delta": 1.5, "policy_mask": True}),
+        ("sequence_token", ("k3+", None, True), {"level": "sequence_token"}),
+        ("policy-mask", (None, None, True), {"policy_mask": True}),
+    ]
+    cases += [AuditCase("policy_loss", f"N=2^24 {label} kl={args[0] or 'none'}", torch.float32,
+                        _policy_loss_run(*args, **kwargs), True) for label, args, kwargs in loss_variants]
+    return cases
 
 
 # ----------------------------------------------------------------------------- advantages

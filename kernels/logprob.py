@@ -842,6 +842,10 @@ def fused_linear_policy_loss(
     chunk_size: int | None = None,
     grad_accum_dtype: torch.dtype | None = None,
     return_entropy: bool = False,
+    loss_type: str = "ppo",
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    top_entropy_quantile: float = 1.0,
 ):
     """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
 
@@ -861,13 +865,25 @@ def fused_linear_policy_loss(
     Valid when the rollouts were sampled from the current weights and this is the only optimizer step
     on them (one update per rollout batch) and nothing else needs the old log-probabilities.
 
+    Two sweeps instead of one where a token's loss needs other tokens first: importance_sampling_level
+    "sequence" / "sequence_token" (GSPO: the sequence's mean log-ratio) and top_entropy_quantile < 1
+    (the entropy quantile of all the call's tokens). Then it is exactly
+        lp, ent = fused_linear_logprobs(..., return_entropy=True)
+        policy_loss(lp, old_logprobs or lp.detach(), ..., policy_mask=high_entropy_mask(ent, mask, q))
+    (forward 2NHV flops, backward recomputes the tiles: 8NHV in all, the same as one pass + recompute).
+    The call must then hold whole sequences (the trainer never splits one across micro-batches).
+
     Args:
         hidden [N, H], weight [V, H], targets [N], bias [V] | None, temperature, ignore_index: as in
             `fused_linear_logprobs`.
         old_logprobs: [N] float (behaviour policy), or None for the on-policy fast path above.
         advantages [N] float; mask [N] bool/int/float; ref_logprobs [N] | None;
         seq_ids [N] int | None; clip_low, clip_high, dual_clip, kl_coef, kl_estimator, agg,
-        loss_scale, global_tokens, global_seqs: as in `wz_kernels.policy_loss`.
+        loss_scale, global_tokens, global_seqs, loss_type, importance_sampling_level, delta: as in
+        `wz_kernels.policy_loss`.
+        top_entropy_quantile: keep the policy term of only the tokens in this top quantile of entropy
+            (`wz_kernels.policy_loss.high_entropy_mask` over this call's masked tokens; 1.0: all). The KL
+            term and the aggregation still count every masked token, as TRL does.
         impl, chunk_size, grad_accum_dtype: as in `fused_linear_logprobs`.
         return_entropy: also return each token's entropy [N] (float32, no gradient; 0 at ignored
             positions), computed from the same tiles (what the trainer logs when it skips the old pass).
@@ -878,6 +894,19 @@ def fused_linear_policy_loss(
     """
     from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
 
+    if not isinstance(top_entropy_quantile, (int, float)) or not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"{OP_LOSS}: top_entropy_quantile must be a number in [0, 1], "
+                         f"got {top_entropy_quantile!r}")
+    if importance_sampling_level != "token" or top_entropy_quantile < 1.0:
+        logprob_kwargs = {"bias": bias, "temperature": temperature, "ignore_index": ignore_index,
+                          "impl": impl, "chunk_size": chunk_size, "grad_accum_dtype": grad_accum_dtype}
+        loss_kwargs = {"ref_logprobs": ref_logprobs, "seq_ids": seq_ids, "clip_low": clip_low,
+                       "clip_high": clip_high, "dual_clip": dual_clip, "kl_coef": kl_coef,
+                       "kl_estimator": kl_estimator, "agg": agg, "loss_scale": loss_scale,
+                       "global_tokens": global_tokens, "global_seqs": global_seqs, "loss_type": loss_type,
+                       "importance_sampling_level": importance_sampling_level, "delta": delta, "impl": impl}
+        return _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask,
+                                      top_entropy_quantile, return_entropy, logprob_kwargs, loss_kwargs)
     _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index,
                   host_check_targets=not _kernel_checks_targets(impl, hidden))
     N = hidden.shape[0]
@@ -891,14 +920,32 @@ def fused_linear_policy_loss(
     weights = aggregation_weights(  # [N] f32, O(N), computed once for all chunks
         mask, seq_ids, agg, loss_scale=loss_scale, global_tokens=global_tokens, global_seqs=global_seqs
     )
-    loss_cfg = dict(
-        clip_low=float(clip_low), clip_high=float(clip_high),
-        dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef),
-        kl_estimator=kl_estimator,
-    )
+    loss_cfg = {
+        "clip_low": float(clip_low), "clip_high": float(clip_high),
+        "dual_clip": None if dual_clip is None else float(dual_clip), "kl_coef": float(kl_coef),
+        "kl_estimator": kl_estimator, "loss_type": loss_type,
+        "delta": None if delta is None else float(delta),
+    }
     loss, totals, entropy = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
         float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy),
     )
     metrics = metrics_from_stats(dict(zip(STAT_NAMES, totals.unbind(0))))
     return (loss, metrics, entropy) if return_entropy else (loss, metrics)
+
+
+def _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, top_entropy_quantile,
+                           return_entropy, logprob_kwargs, loss_kwargs):
+    """`fused_linear_policy_loss` where tokens depend on each other (see its docstring): the log-probs
+    (+ entropy) of every token first, then the loss on [N] vectors; autograd recomputes the tiles."""
+    from .policy_loss import high_entropy_mask, policy_loss
+
+    need_entropy = return_entropy or top_entropy_quantile < 1.0
+    out = fused_linear_logprobs(hidden, weight, targets, return_entropy=need_entropy, **logprob_kwargs)
+    logprobs, entropy = out if need_entropy else (out, None)
+    policy_mask = None
+    if top_entropy_quantile < 1.0:
+        policy_mask = high_entropy_mask(entropy.detach(), mask, top_entropy_quantile)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    loss, metrics = policy_loss(logprobs, old, advantages, mask, policy_mask=policy_mask, **loss_kwargs)
+    return (loss, metrics, entropy.detach()) if return_entropy else (loss, metrics)

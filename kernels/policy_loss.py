@@ -1,36 +1,63 @@
-"""Clipped policy-gradient loss with a KL penalty, over packed tokens (PPO / GRPO / DAPO / Dr. GRPO).
+"""Clipped policy-gradient loss with a KL penalty, over packed tokens (PPO / GRPO / DAPO / Dr. GRPO,
+GSPO and GSPO-token, CISPO, two-sided clipping, top-entropy masking).
 
-Per token t (all inputs [N] over packed tokens; `mask` selects the tokens that train):
+Per token t of sequence b (all inputs [N] over packed tokens; `mask` selects the tokens that train):
 
-    ratio   = exp(clamp(logp - old_logp, -20, 20))
-    L_clip  = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
-    L_pg    = min(L_clip, -A * dual_clip)  if A < 0 and dual_clip is set, else L_clip
+    log_w   = importance_sampling_level  "token":          logp - old_logp
+                                         "sequence":       S_b = mean of (logp - old_logp) over b's tokens
+                                                           (GSPO; the gradient reaches every token of b)
+                                         "sequence_token": logp - sg(logp) + sg(S_b) (GSPO-token: S_b's value,
+                                                           each token's own gradient)
+    ratio   = exp(clamp(log_w, -20, 20))                   (sg = stop-gradient)
+    loss_type "ppo":
+      coef    = min(ratio, delta)  if delta is set (two-sided clipping, INTELLECT-2 / TRL), else ratio
+      L_clip  = max(-A * coef, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+      L_pg    = min(L_clip, -A * dual_clip)  if A < 0 and dual_clip is set, else L_clip
+    loss_type "cispo" (MiniMax-M1; clip_low >= 1: no lower bound, as TRL implements it):
+      L_pg    = -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp
+    L_pg   *= policy_mask[t]  where given (e.g. `high_entropy_mask`: only the top-entropy tokens' policy term)
     d       = logp - ref_logp
     KL      = k1: d | k2: d^2 / 2 | k3: clamp(exp(-d) + d - 1, -10, 10) | k3+: k3's value, k2's gradient
     L_tok   = L_pg + kl_coef * KL
     loss    = sum_t weights[t] * L_tok[t]          (weights from `aggregation_weights`, 0 on masked tokens)
 
+TRL's `loss_type`s in these terms: grpo / bnpo / dr_grpo / dapo / luspo are "ppo" with an aggregation
+(luspo = seq-mean-token-sum), cispo is "cispo" with clip_low = 1 and clip_high = TRL's epsilon_high - 1 (TRL
+caps at epsilon_high itself); TRL's `delta` is `delta`, its `importance_sampling_level` is ours. verl's cispo
+is "cispo" with its clip ratios.
+
 Gradient conventions (what the reference's autograd and the kernel both give):
-  * a token whose clipped branch is strictly larger than the unclipped one ("clipped") has gradient 0
-    from L_pg (the clipped branch is constant in logp); on a tie the branches have the same gradient.
-    A clipped token is `clipped_low` when A < 0 (then ratio < 1 - clip_low) and `clipped_high` when
-    A > 0 (then ratio > 1 + clip_high): exactly TRL's `is_low_clipped` / `is_high_clipped`. A == 0 is
-    never clipped (its loss and gradient are 0 anyway).
+  * a token whose clipped branch is strictly larger than the unclipped one ("clipped") takes the
+    clipped branch's gradient (0 outside [1 - clip_low, 1 + clip_high]); on a tie the branches have the
+    same gradient. `clipped_low` counts tokens with coef < 1 - clip_low and A < 0, `clipped_high` those
+    with coef > 1 + clip_high and A > 0: exactly TRL's `is_low_clipped` / `is_high_clipped` (for
+    "cispo": ratio > 1 + clip_high and A > 0, TRL's `cispo_clip_ratio`; clipped_low is then 0).
+    A == 0 is never clipped (its loss and gradient are 0 anyway).
+  * with delta, coef = min(ratio, delta) has gradient 0 where ratio > delta.
   * a dual-clipped token (A < 0 and -A*ratio > -A*dual_clip, i.e. ratio > dual_clip) has gradient 0.
-  * outside the ratio clamp (|logp - old_logp| > 20) the ratio is constant: gradient 0 from L_pg.
+  * outside the ratio clamp (|log_w| > 20) the ratio is constant: gradient 0 through it.
   * k3 is clamped to [-10, 10]; where the clamp is active its gradient is 0. exp(-d) is evaluated at
     clamp(d, -20, 20), which changes neither value nor gradient (|d| > 20 is inside the clamped zone)
     but keeps float32 finite.
   * masked tokens (mask == 0) contribute nothing, even if their inputs are NaN/Inf (they are zeroed
-    before any arithmetic, so garbage in padding cannot leak into the loss or the gradient).
+    before any arithmetic, so garbage in padding cannot leak into the loss or the gradient). S_b is a
+    plain mean over b's masked-in tokens (a float mask weights the loss, not the mean); a sequence
+    without any has no loss.
+  * "sequence" needs whole sequences in one call (the trainer never splits one across micro-batches).
 
 Layers (see DESIGN.md "one op = one module"):
   `policy_loss_reference`         plain torch autograd: the specification (`upcast=True` -> float64).
   `aggregation_weights`           turns mask (+ seq ids) into per-token weights for every `agg` mode.
+  `log_importance_weights`        log_w above, differentiable (reference; TRL's importance weights).
+  `high_entropy_mask`             TRL's top-entropy-quantile token mask (one process's tokens).
   `token_loss_terms`              fused forward+backward primitive (loss, d loss/d logp, additive stats);
                                   `fused_linear_policy_loss` (kernels/logprob.py) builds on it per chunk.
   `_policy_loss_fwd_bwd_kernel`   the Triton kernel: one read of each input, one write of the gradient,
                                   per-program partial stats reduced by a tiny torch sum (deterministic).
+                                  Sequence level: S_b comes in per token from two O(N) segment sums,
+                                  the kernel writes each token's d loss / d log_w, and one more segment
+                                  sum hands it to the sequence's tokens (float64 sums: order-independent
+                                  to float64 rounding).
   `wz_kernels::policy_loss_terms` torch.library custom op (+ fake + autograd) so torch.compile traces it.
   `policy_loss`                   the public function.
 """
@@ -54,15 +81,17 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-RATIO_LOG_CLAMP = 20.0  # |logp - old_logp| is clamped here before exp (exp(20) ~ 4.9e8)
+LOSS_TYPES = ("ppo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+RATIO_LOG_CLAMP = 20.0  # |log_w| (e.g. logp - old_logp) is clamped here before exp (exp(20) ~ 4.9e8)
 K3_CLAMP = 10.0  # k3 is clamped to [-K3_CLAMP, K3_CLAMP] (it is >= 0, so only the top matters)
 
 # Additive statistics (0-d sums over masked tokens, a float mask acting as a per-token weight). A
 # caller that processes tokens in chunks or micro-batches adds them up and derives the metrics.
 STAT_NAMES = (
     "tokens",  # sum of mask
-    "clipped_low",  # tokens with ratio < 1 - clip_low and A < 0 (clipped branch active)
-    "clipped_high",  # tokens with ratio > 1 + clip_high and A > 0 (clipped branch active)
+    "clipped_low",  # tokens with coef < 1 - clip_low and A < 0 (clipped branch active; 0 for cispo)
+    "clipped_high",  # tokens with coef > 1 + clip_high and A > 0 (cispo: ratio capped, A > 0)
     "clipped_dual",  # tokens with A < 0 and ratio > dual_clip (dual clip active)
     "ratio_sum",  # sum of ratio (after the log clamp)
     "kl_sum",  # sum of the KL estimate (0 without ref_logprobs)
@@ -79,12 +108,27 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, ref_logprobs) -> None:
+def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, ref_logprobs, loss_type="ppo",
+                  importance_sampling_level="token", delta=None, seq_ids=None) -> None:
+    check_choice(op, "loss_type", loss_type, LOSS_TYPES)
+    check_choice(op, "importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    # cispo caps the ratio at 1 + clip_high, which may be below 1 (TRL's epsilon_high < 1): only > 0 is needed
+    low_bounds = {"clip_low": 0.0, "clip_high": -1.0 if loss_type == "cispo" else 0.0}
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not _is_number(v) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{op}: {name} must be a finite number >= 0, got {v!r}")
+        too_low = v < low_bounds[name] or (name == "clip_high" and v == -1.0) if _is_number(v) else True
+        if too_low or not math.isfinite(v):
+            bound = "> -1 for loss_type='cispo'" if low_bounds[name] < 0 else ">= 0"
+            raise ValueError(f"{op}: {name} must be a finite number {bound}, got {v!r}")
     if dual_clip is not None and (not _is_number(dual_clip) or not math.isfinite(dual_clip) or dual_clip <= 1):
         raise ValueError(f"{op}: dual_clip must be None or a finite number > 1, got {dual_clip!r}")
+    if delta is not None and (not _is_number(delta) or not math.isfinite(delta) or delta <= 0):
+        raise ValueError(f"{op}: delta must be None or a finite number > 0, got {delta!r}")
+    if loss_type == "cispo" and (dual_clip is not None or delta is not None):
+        raise ValueError(f"{op}: dual_clip / delta bound the clipped PPO objective; loss_type='cispo' takes "
+                         f"neither (got dual_clip={dual_clip!r}, delta={delta!r})")
+    if importance_sampling_level != "token" and seq_ids is None:
+        raise ValueError(f"{op}: seq_ids is required for "
+                         f"importance_sampling_level={importance_sampling_level!r}")
     if not _is_number(kl_coef) or not math.isfinite(kl_coef) or kl_coef < 0:
         raise ValueError(f"{op}: kl_coef must be a finite number >= 0, got {kl_coef!r}")
     check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -92,13 +136,20 @@ def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, 
         raise ValueError(f"{op}: ref_logprobs is required when kl_coef != 0 (kl_coef={kl_coef})")
 
 
-def _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, weights=None):
+def _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, weights=None,
+                        seq_ids=None, policy_mask=None):
     check_tensor(op, "logprobs", logprobs, ndim=1, floating=True)
     shape, dev = tuple(logprobs.shape), logprobs.device
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
         if t is not None or name in ("old_logprobs", "advantages"):
             check_tensor(op, name, t, shape=shape, floating=True, device=dev)
     _check_mask(op, mask, shape, dev)
+    if policy_mask is not None:
+        check_tensor(op, "policy_mask", policy_mask, shape=shape, device=dev)
+        if policy_mask.is_complex():
+            raise ValueError(f"{op}: policy_mask must be bool, integer or floating, got {policy_mask.dtype}")
+    if seq_ids is not None:
+        check_tensor(op, "seq_ids", seq_ids, shape=shape, integer=True, device=dev)
     if weights is not None:
         check_tensor(op, "weights", weights, floating=True, device=dev)
         if weights.dim() != 0 and tuple(weights.shape) != shape:
@@ -239,8 +290,77 @@ def aggregation_weights(
 # ----------------------------------------------------------------------------- reference (the spec)
 
 
+def log_importance_weights(
+    logprobs: torch.Tensor,  # [N] float (requires grad or not)
+    old_logprobs: torch.Tensor,  # [N] float
+    mask: torch.Tensor,  # [N] bool / int / float
+    seq_ids: torch.Tensor | None = None,  # [N] int (required unless level == "token")
+    level: str = "token",
+) -> torch.Tensor:  # [N] in logprobs' dtype, differentiable in logprobs
+    """log_w of every token (module docstring; TRL's `log_importance_weights`, broadcast to tokens).
+
+    "token": logp - old; "sequence": the mean of (logp - old) over the sequence's masked-in tokens (TRL
+    divides by max(count, 1)), its gradient spread over those tokens; "sequence_token": that value with
+    each token's own gradient (logp - sg(logp) + sg(S)). Masked tokens get 0 (and no gradient); NaN/Inf
+    there never reaches a sequence's mean. Plain torch: the specification and what callers that need
+    the weight itself (TRL's importance-weighted KL) use.
+    """
+    check_choice("log_importance_weights", "level", level, IMPORTANCE_SAMPLING_LEVELS)
+    valid = mask != 0
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, logprobs - old_logprobs.to(logprobs.dtype), zero)
+    if level == "token":
+        return log_ratio
+    if seq_ids is None:
+        raise ValueError(f"log_importance_weights: seq_ids is required for level={level!r}")
+    dense = _dense_segment_ids(seq_ids)
+    n = logprobs.numel()
+    counts = torch.zeros(n, dtype=logprobs.dtype, device=logprobs.device)
+    counts = counts.index_add(0, dense, valid.to(logprobs.dtype))
+    seq_mean = torch.zeros_like(counts).index_add(0, dense, log_ratio) / counts.clamp_min(1.0)
+    per_token = seq_mean[dense]
+    if level == "sequence_token":
+        own = torch.where(valid, logprobs, zero)
+        per_token = own - own.detach() + per_token.detach()
+    return torch.where(valid, per_token, zero)
+
+
+def high_entropy_mask(
+    entropy: torch.Tensor,  # [N] float
+    mask: torch.Tensor,  # [N] bool / int / float
+    top_quantile: float,
+) -> torch.Tensor:  # [N] bool
+    """Tokens in the top `top_quantile` of entropy among the masked-in ones (Beyond the 80/20 Rule; TRL's
+    `get_high_entropy_mask` on one process): entropy >= torch.quantile(entropy[mask], 1 - top_quantile)
+    (linear interpolation), always False where mask is 0. 1.0 keeps every token, 0.0 only the highest
+    entropy (ties included). Compared in float32 whatever the entropy's dtype (TRL's entropies are float32,
+    and a threshold that lands on a token's own value must select it). No tokens -> all False. TRL takes the quantile over all processes' tokens
+    (gathered); a caller that wants that computes the threshold itself and passes the mask as
+    `policy_mask`.
+    """
+    op = "high_entropy_mask"
+    check_tensor(op, "entropy", entropy, ndim=1, floating=True)
+    _check_mask(op, mask, tuple(entropy.shape), entropy.device)
+    if not _is_number(top_quantile) or not 0.0 <= top_quantile <= 1.0:
+        raise ValueError(f"{op}: top_quantile must be a number in [0, 1], got {top_quantile!r}")
+    valid = mask != 0
+    local = entropy[valid].float()
+    if local.numel() == 0:
+        return torch.zeros_like(valid)
+    q = 1.0 - float(top_quantile)
+    if local.numel() <= 1 << 24:  # torch.quantile's input limit
+        threshold = torch.quantile(local, q)
+    else:  # the same linear interpolation over a sort (what torch.quantile does internally)
+        ordered = local.sort().values
+        rank = torch.tensor(q * (ordered.numel() - 1), dtype=torch.float32, device=ordered.device)
+        below = rank.long()
+        threshold = torch.lerp(ordered[below], ordered[rank.ceil().long()], rank - below)
+    return ((entropy.float() * valid.float()) >= threshold) & valid  # float32 throughout, as TRL
+
+
 def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *, clip_low, clip_high,
-                     dual_clip, kl_coef, kl_estimator):
+                     dual_clip, kl_coef, kl_estimator, loss_type="ppo", importance_sampling_level="token",
+                     delta=None, seq_ids=None, policy_mask=None):
     """Per-token loss [N] (autograd-able in logprobs) and per-token indicators/values for the stats.
 
     All inputs already in the compute dtype; `valid` [N] bool. Masked tokens are zeroed first.
@@ -250,17 +370,26 @@ def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *,
     old = torch.where(valid, old_logprobs, zero)
     adv = torch.where(valid, advantages, zero)
 
-    ratio = torch.exp(torch.clamp(logp - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(unclipped, clipped)
-    clip_active = clipped > unclipped
-    if dual_clip is not None:
-        dual_bound = -adv * dual_clip
-        dual_active = (adv < 0) & (pg > dual_bound)
-        pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
+    log_w = log_importance_weights(logp, old, valid, seq_ids, importance_sampling_level)
+    ratio = torch.exp(torch.clamp(log_w, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    no_token = torch.zeros_like(valid)
+    if loss_type == "cispo":
+        pg = -torch.clamp(ratio, lo, hi).detach() * adv * logp
+        clipped_low, clipped_high, dual_active = no_token, (ratio > hi) & (adv > 0), no_token
     else:
-        dual_active = torch.zeros_like(valid)
+        coef = ratio if delta is None else torch.clamp(ratio, max=delta)
+        unclipped = -adv * coef
+        clipped = -adv * torch.clamp(ratio, lo, hi)
+        pg = torch.maximum(unclipped, clipped)
+        clipped_low, clipped_high = (coef < lo) & (adv < 0), (coef > hi) & (adv > 0)
+        dual_active = no_token
+        if dual_clip is not None:
+            dual_bound = -adv * dual_clip
+            dual_active = (adv < 0) & (pg > dual_bound)
+            pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
+    if policy_mask is not None:
+        pg = pg * torch.where(valid, policy_mask.to(pg.dtype), zero)
 
     if ref_logprobs is not None:
         d = logp - torch.where(valid, ref_logprobs, zero)
@@ -279,8 +408,8 @@ def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *,
         total = pg
     total = torch.where(valid, total, zero)
     return total, {
-        "clipped_low": clip_active & (adv < 0),
-        "clipped_high": clip_active & (adv > 0),
+        "clipped_low": clipped_low,
+        "clipped_high": clipped_high,
         "clipped_dual": dual_active,
         "ratio": ratio,
         "kl": kl,
@@ -329,15 +458,17 @@ def metrics_from_stats(stats: dict | torch.Tensor) -> dict:
 def policy_loss_reference(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, seq_ids=None, clip_low=0.2,
     clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3", agg="token-mean", loss_scale=None,
-    global_tokens=None, global_seqs=None, upcast=False,
+    global_tokens=None, global_seqs=None, loss_type="ppo", importance_sampling_level="token", delta=None,
+    policy_mask=None, upcast=False,
 ):
     """Plain-torch autograd specification of `policy_loss` (same arguments and outputs).
 
     Computes in float32 (float64 with `upcast=True`) whatever the input dtypes; the gradient flows to
     `logprobs` through torch autograd.
     """
+    variant = {"loss_type": loss_type, "importance_sampling_level": importance_sampling_level, "delta": delta}
     _validate_all(_OP, logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                  dual_clip, kl_coef, kl_estimator)
+                  dual_clip, kl_coef, kl_estimator, seq_ids=seq_ids, policy_mask=policy_mask, **variant)
     dtype = torch.float64 if upcast else torch.float32
     weights = aggregation_weights(mask, seq_ids, agg, loss_scale=loss_scale, global_tokens=global_tokens,
                                   global_seqs=global_seqs, dtype=dtype)
@@ -346,6 +477,7 @@ def policy_loss_reference(
         logprobs.to(dtype), old_logprobs.to(dtype), advantages.to(dtype), valid,
         None if ref_logprobs is None else ref_logprobs.to(dtype),
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        seq_ids=seq_ids, policy_mask=policy_mask, **variant,
     )
     loss = (weights * total).sum()
     stats = _stats_from_terms(total, terms, mask.to(dtype), weights)
@@ -353,25 +485,27 @@ def policy_loss_reference(
 
 
 def _validate_all(op, logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
-                  kl_coef, kl_estimator, weights=None):
-    _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs, weights)
+                  kl_coef, kl_estimator, weights=None, seq_ids=None, policy_mask=None, loss_type="ppo",
+                  importance_sampling_level="token", delta=None):
+    _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs, weights, seq_ids,
+                        policy_mask)
     _check_config(op, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                  kl_estimator=kl_estimator, ref_logprobs=ref_logprobs)
+                  kl_estimator=kl_estimator, ref_logprobs=ref_logprobs, loss_type=loss_type,
+                  importance_sampling_level=importance_sampling_level, delta=delta, seq_ids=seq_ids)
 
 
 # ----------------------------------------------------------------------------- fused primitive
 
 
-def _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, *, clip_low,
-                                clip_high, dual_clip, kl_coef, kl_estimator):
+def _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, seq_ids,
+                                policy_mask, **cfg):
     """`token_loss_terms` by autograd of the reference (float32): the CPU path and the spec."""
     with torch.enable_grad():
         leaf = logprobs.detach().float().requires_grad_(True)
         total, terms = _per_token_terms(
             leaf, old_logprobs.detach().float(), advantages.detach().float(), mask != 0,
-            None if ref_logprobs is None else ref_logprobs.detach().float(),
-            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-            kl_estimator=kl_estimator,
+            None if ref_logprobs is None else ref_logprobs.detach().float(), seq_ids=seq_ids,
+            policy_mask=policy_mask, **cfg,
         )
         w = weights.detach().float()
         w = mask.float() * w if w.dim() == 0 else w  # [N]
@@ -379,6 +513,16 @@ def _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weight
         (grad,) = torch.autograd.grad(loss, leaf)
     stats = _stats_from_terms(total, terms, mask.float(), w)
     return loss.detach(), grad, stats
+
+
+def _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type, importance_sampling_level,
+                 delta) -> dict:
+    """The scalar settings as the custom op takes them (plain Python floats / strings)."""
+    return {"clip_low": float(clip_low), "clip_high": float(clip_high),
+                "dual_clip": None if dual_clip is None else float(dual_clip), "kl_coef": float(kl_coef),
+                "kl_estimator": kl_estimator, "loss_type": loss_type,
+                "importance_sampling_level": importance_sampling_level,
+                "delta": None if delta is None else float(delta)}
 
 
 def token_loss_terms(
@@ -394,26 +538,32 @@ def token_loss_terms(
     dual_clip: float | None,
     kl_coef: float,
     kl_estimator: str,
+    loss_type: str = "ppo",
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    seq_ids: torch.Tensor | None = None,  # [N] int: required unless importance_sampling_level == "token"
+    policy_mask: torch.Tensor | None = None,  # [N] bool / int / float
     impl: str = "auto",
 ):  # -> (loss 0-d f32, grad_logprobs [N] f32, stats: dict[str, 0-d f32])
     """Fused forward + backward of the per-token loss, no autograd: the primitive other ops build on.
 
     Returns `loss = sum(weights * L_tok)`, `grad_logprobs = d loss / d logprobs` [N] float32 and a dict
     of ADDITIVE 0-d float32 sums over masked tokens (keys = STAT_NAMES; see `metrics_from_stats`), so a
-    caller processing token chunks adds them up. On CUDA (or impl="triton") this is one Triton kernel:
-    one read of each input, one write of the gradient, per-program partial stats summed by torch.
+    caller processing token chunks adds them up (importance_sampling_level "sequence" / "sequence_token":
+    chunks of whole sequences). On CUDA (or impl="triton") this is one Triton kernel: one read of each
+    input, one write of the gradient, per-program partial stats summed by torch.
     """
     check_tensor("token_loss_terms", "weights", weights, floating=True)
-    _validate_all("token_loss_terms", logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low,
-                  clip_high, dual_clip, kl_coef, kl_estimator, weights=weights)
+    cfg = _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type,
+                       importance_sampling_level, delta)
+    _validate_all("token_loss_terms", logprobs, old_logprobs, advantages, mask, ref_logprobs, weights=weights,
+                  seq_ids=seq_ids, policy_mask=policy_mask, **cfg)
     backend = resolve_impl(impl, logprobs.device, op="token_loss_terms")
-    cfg = dict(clip_low=float(clip_low), clip_high=float(clip_high),
-               dual_clip=None if dual_clip is None else float(dual_clip), kl_coef=float(kl_coef),
-               kl_estimator=kl_estimator)
     if backend == "reference":
-        return _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, **cfg)
+        return _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs,
+                                           seq_ids, policy_mask, **cfg)
     loss, grad, stats_vec = policy_loss_terms_op(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs,
-                                                 **cfg)
+                                                 seq_ids=seq_ids, policy_mask=policy_mask, **cfg)
     return loss, grad, dict(zip(STAT_NAMES, stats_vec.unbind(0)))
 
 
@@ -427,17 +577,25 @@ if triton is not None:
     @triton.jit
     def _policy_loss_fwd_bwd_kernel(
         logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, w_ptr,  # [N] inputs (any float / mask dtype); w may be 0-d
-        grad_ptr,  # [N] f32 out: d loss / d logp
+        lw_ptr,  # [N] f32: log_w per token (IS_LEVEL 1, 2: the sequence's mean log-ratio), else unread
+        pm_ptr,  # [N] policy mask (HAS_PMASK), else unread
+        grad_ptr,  # [N] f32 out: d loss / d logp (IS_LEVEL 1: only the terms not through log_w)
+        dlw_ptr,  # [N] f32 out (IS_LEVEL 1): weight * d L_tok / d log_w, else unwritten
         partials_ptr,  # [num_programs, NUM_STATS] f32 out: this program's stat sums
         N, n_tiles,
-        clip_low, clip_high, dual_clip, kl_coef,  # Python floats (the interpreter passes them as such)
+        ratio_lo, ratio_hi, dual_clip, kl_coef, delta,  # Python floats (the interpreter passes them as such)
         HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,  # KL_KIND: 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
         W_IS_SCALE: tl.constexpr,  # w_ptr holds one scale c: w = mask * c (no [N] weights pass)
+        CISPO: tl.constexpr,  # loss_type: 0 ppo, 1 cispo
+        IS_LEVEL: tl.constexpr,  # 0 token, 1 sequence, 2 sequence_token
+        HAS_DELTA: tl.constexpr, HAS_PMASK: tl.constexpr,
         NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # Forward and backward in one pass: the loss is a sum of per-token terms, so each token's
-        # gradient needs only that token's inputs. Persistent grid: each program strides over tiles and
-        # keeps its stat sums in registers, then writes one row of partials (no atomics: deterministic).
+        # gradient needs only that token's inputs (and, at sequence level, its sequence's mean log-ratio,
+        # precomputed; the gradient through that mean is finished by the caller). Persistent grid: each
+        # program strides over tiles and keeps its stat sums in registers, then writes one row of
+        # partials (no atomics: deterministic).
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         lanes = tl.arange(0, BLOCK)
@@ -458,30 +616,67 @@ if triton is not None:
             valid = m != 0.0
             # masked tokens are zeroed before any arithmetic: garbage (NaN/Inf) there cannot leak
             logp = tl.where(valid, tl.load(logp_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
-            old = tl.where(valid, tl.load(old_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+            if IS_LEVEL == 0:
+                old = tl.where(valid, tl.load(old_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
+            else:
+                log_w = tl.where(valid, tl.load(lw_ptr + offs, mask=in_bounds, other=0.0), 0.0)
             adv = tl.where(valid, tl.load(adv_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
             if W_IS_SCALE:
                 w = m * w_scale
             else:
                 w = tl.where(valid, tl.load(w_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
 
-            log_ratio = logp - old
-            in_clamp = (log_ratio >= -20.0) & (log_ratio <= 20.0)  # torch.clamp passes grad at the bounds
-            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
-            unclipped = -adv * ratio
-            clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-            clip_active = clipped > unclipped  # tie -> unclipped branch (same value and gradient)
-            pg = tl.where(clip_active, clipped, unclipped)
-            d_pg = tl.where(clip_active | (~in_clamp), 0.0, unclipped)  # d(-A*ratio)/dlogp = -A*ratio
-            if HAS_DUAL:
-                dual_bound = -adv * dual_clip
-                dual_active = (adv < 0.0) & (pg > dual_bound)
-                pg = tl.where(dual_active, dual_bound, pg)
-                d_pg = tl.where(dual_active, 0.0, d_pg)
-                acc_dual += tl.where(dual_active, m, 0.0)
+            if IS_LEVEL == 0:
+                log_w = logp - old
+            in_clamp = (log_w >= -20.0) & (log_w <= 20.0)  # torch.clamp passes grad at the bounds
+            ratio = tl.exp(tl.minimum(tl.maximum(log_w, -20.0), 20.0))
+            if CISPO:  # -sg(clip(ratio, lo, hi)) * A * logp: gradient only through logp itself
+                weight = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+                pg = -weight * adv * logp
+                d_own = -weight * adv
+                d_lw = tl.zeros([BLOCK], dtype=tl.float32)
+                is_low = tl.zeros([BLOCK], dtype=tl.int1)
+                is_high = (ratio > ratio_hi) & (adv > 0.0)
+            else:
+                if HAS_DELTA:
+                    coef = tl.minimum(ratio, delta)
+                else:
+                    coef = ratio
+                unclipped = -adv * coef
+                clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+                clip_active = clipped > unclipped  # tie -> unclipped branch (same value and gradient)
+                pg = tl.where(clip_active, clipped, unclipped)
+                if HAS_DELTA:  # either branch may carry a gradient: ratio inside its bounds
+                    inside = (ratio >= ratio_lo) & (ratio <= ratio_hi)
+                    d_coef = tl.where(clip_active, tl.where(inside, ratio, 0.0),
+                                      tl.where(ratio <= delta, ratio, 0.0))
+                    d_lw = tl.where(in_clamp, -adv * d_coef, 0.0)
+                    is_low = (coef < ratio_lo) & (adv < 0.0)
+                    is_high = (coef > ratio_hi) & (adv > 0.0)
+                else:  # a strictly larger clipped branch is outside [lo, hi]: constant, gradient 0
+                    d_lw = tl.where(clip_active | (~in_clamp), 0.0, unclipped)  # d(-A*ratio)/dlog_w
+                    is_low = clip_active & (adv < 0.0)
+                    is_high = clip_active & (adv > 0.0)
+                if HAS_DUAL:
+                    dual_bound = -adv * dual_clip
+                    dual_active = (adv < 0.0) & (pg > dual_bound)
+                    pg = tl.where(dual_active, dual_bound, pg)
+                    d_lw = tl.where(dual_active, 0.0, d_lw)
+                    acc_dual += tl.where(dual_active, m, 0.0)
+            if HAS_PMASK:
+                pmask = tl.where(valid, tl.load(pm_ptr + offs, mask=in_bounds, other=0).to(tl.float32), 0.0)
+                pg = pg * pmask
+                d_lw = d_lw * pmask
+                if CISPO:
+                    d_own = d_own * pmask
 
             total = pg
-            d_total = d_pg
+            if CISPO:  # (the launcher runs cispo's "sequence" as IS_LEVEL 2: no gradient through log_w)
+                d_total = d_own
+            elif IS_LEVEL == 1:  # through log_w = the sequence mean: finished by the caller from dlw
+                d_total = tl.zeros([BLOCK], dtype=tl.float32)
+            else:  # d log_w / d logp = 1 (token; sequence_token's own-token gradient)
+                d_total = d_lw
             if KL_KIND != 0:
                 ref = tl.where(valid, tl.load(ref_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), 0.0)
                 d = logp - ref
@@ -506,10 +701,12 @@ if triton is not None:
                 acc_kl += m * kl
             total = tl.where(valid, total, 0.0)
             tl.store(grad_ptr + offs, tl.where(valid, w * d_total, 0.0), mask=in_bounds)
+            if IS_LEVEL == 1:
+                tl.store(dlw_ptr + offs, tl.where(valid, w * d_lw, 0.0), mask=in_bounds)
 
             acc_tok += m
-            acc_low += tl.where(clip_active & (adv < 0.0), m, 0.0)
-            acc_high += tl.where(clip_active & (adv > 0.0), m, 0.0)
+            acc_low += tl.where(is_low, m, 0.0)
+            acc_high += tl.where(is_high, m, 0.0)
             acc_ratio += m * ratio
             acc_unw += m * total
             acc_loss += w * total
@@ -535,6 +732,10 @@ if triton is not None:
 # token), so the goal is bytes in flight: 28 warps x 32 x 4 tokens x ~21 B read ~ 75 KB per SM, ~3x
 # what 4.3 TB/s x ~700 ns of latency needs across 132 SMs. The persistent grid is exactly one wave of
 # the least-resident variant (7 blocks per SM): every program is resident, none waits for a slot.
+# The loss variants (2026-11-30, the same compile of bench/audit's policy-loss cases plus these): cispo
+# 56-64 registers, sequence / sequence_token 64-72, policy_mask 61, k3+ 72 (was 77): 7-9 blocks per SM,
+# no spills; two-sided clip (delta) 72-75 and sequence + delta + dual + policy_mask 79: 6 blocks per SM
+# there, so one program in seven waits for a slot in those (non-default) configurations only.
 _CUDA_BLOCK, _CUDA_WARPS, _CUDA_BLOCKS_PER_SM = 512, 4, 7
 
 
@@ -553,8 +754,24 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sequence_log_ratio(logprobs, old_logprobs, mask, seq_ids):
+    """(dense ids [N], n_b per token [N] f64 (>= 1), S_b per token [N] f32): each token's sequence mean
+    log-ratio, the per-token difference taken in float32 as the token-level kernel takes it, the sums
+    in float64 (index_add_ runs with atomics on CUDA: float64 keeps the result order-independent to
+    float64 rounding)."""
+    valid = mask != 0
+    dense = _dense_segment_ids(seq_ids)
+    f64 = {"dtype": torch.float64, "device": logprobs.device}
+    counts = torch.zeros(logprobs.numel(), **f64).index_add_(0, dense, valid.to(torch.float64))
+    log_ratio = torch.where(valid, logprobs.float() - old_logprobs.float(), 0.0)
+    sums = torch.zeros(logprobs.numel(), **f64).index_add_(0, dense, log_ratio.to(torch.float64))
+    counts = counts.clamp_min_(1.0)[dense]
+    return dense, counts, (sums[dense] / counts).float()
+
+
 def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
-                              clip_high, dual_clip, kl_coef, kl_estimator, grad=None):
+                              clip_high, dual_clip, kl_coef, kl_estimator, grad=None, *, loss_type="ppo",
+                              importance_sampling_level="token", delta=None, seq_ids=None, policy_mask=None):
     """Launch the fused kernel. `grad` [N] f32: optional output buffer (tests pass a poisoned one)."""
     if triton is None:
         raise RuntimeError("token_loss_terms: impl='triton' was requested but triton is not installed")
@@ -565,16 +782,34 @@ def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights,
         return torch.zeros((), dtype=torch.float32, device=dev), grad, torch.zeros(_NUM_STATS, device=dev)
     block, nprog, num_warps = _launch_config(n, dev)
     partials = torch.empty(nprog, _NUM_STATS, dtype=torch.float32, device=dev)
-    mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    contiguous = [t.contiguous() for t in (logprobs, old_logprobs, advantages, mask_arg, weights)]
+
+    def as_loadable(t):  # the kernel loads bool as uint8
+        return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+    contiguous = [t.contiguous() for t in (logprobs, old_logprobs, advantages, as_loadable(mask), weights)]
     ref = contiguous[0] if ref_logprobs is None else ref_logprobs.contiguous()  # unread when KL_KIND == 0
+    pmask = contiguous[0] if policy_mask is None else as_loadable(policy_mask).contiguous()  # unread if None
+    level = IMPORTANCE_SAMPLING_LEVELS.index(importance_sampling_level)
+    if loss_type == "cispo" and level == 1:
+        level = 2  # the weight is stop-gradient: "sequence" has no gradient through the mean either
+    log_w = d_log_w = contiguous[0]  # unread / unwritten at token level
+    if level != 0:
+        dense, counts, log_w = _sequence_log_ratio(logprobs, old_logprobs, mask, seq_ids)
+    if level == 1:
+        d_log_w = torch.empty(n, dtype=torch.float32, device=dev)
     _policy_loss_fwd_bwd_kernel[(nprog,)](
-        *contiguous[:3], ref, contiguous[3], contiguous[4], grad, partials, n, triton.cdiv(n, block),
-        clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, kl_coef,
+        *contiguous[:3], ref, contiguous[3], contiguous[4], log_w, pmask, grad, d_log_w, partials, n,
+        triton.cdiv(n, block), 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
+        kl_coef, 0.0 if delta is None else delta,
         HAS_DUAL=dual_clip is not None, W_IS_SCALE=weights.dim() == 0,
-        KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
+        KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator], CISPO=loss_type == "cispo",
+        IS_LEVEL=level, HAS_DELTA=delta is not None, HAS_PMASK=policy_mask is not None,
         NUM_STATS=_NUM_STATS, BLOCK=block, num_warps=num_warps,
     )
+    if level == 1:  # d S_b / d logp_u = valid_u / n_b: each sequence's sum of d loss / d S_b to its tokens
+        per_seq = torch.zeros(n, dtype=torch.float64, device=dev)
+        per_seq.index_add_(0, dense, d_log_w.to(torch.float64))
+        grad += (per_seq[dense] * (mask != 0) / counts).float()
     stats = partials.sum(0)
     return stats[_NUM_STATS - 1].clone(), grad, stats
 
@@ -586,30 +821,36 @@ def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights,
 def policy_loss_terms_op(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     weights: torch.Tensor, ref_logprobs: torch.Tensor | None, clip_low: float, clip_high: float,
-    dual_clip: float | None, kl_coef: float, kl_estimator: str,
+    dual_clip: float | None, kl_coef: float, kl_estimator: str, loss_type: str = "ppo",
+    importance_sampling_level: str = "token", delta: float | None = None, seq_ids: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss 0-d f32, grad_logprobs [N] f32, stats [len(STAT_NAMES)] f32) from the Triton kernel."""
     return _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
-                                     clip_high, dual_clip, kl_coef, kl_estimator)
+                                     clip_high, dual_clip, kl_coef, kl_estimator, loss_type=loss_type,
+                                     importance_sampling_level=importance_sampling_level, delta=delta,
+                                     seq_ids=seq_ids, policy_mask=policy_mask)
 
 
 @policy_loss_terms_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low, clip_high, dual_clip, kl_coef,
-      kl_estimator):
-    f32 = dict(dtype=torch.float32, device=logprobs.device)
+      kl_estimator, loss_type="ppo", importance_sampling_level="token", delta=None, seq_ids=None,
+      policy_mask=None):
+    f32 = {"dtype": torch.float32, "device": logprobs.device}
     return logprobs.new_empty((), **f32), logprobs.new_empty(logprobs.shape, **f32), \
         logprobs.new_empty((_NUM_STATS,), **f32)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.logprobs_dtype = inputs[0].dtype
+    ctx.num_inputs = len(inputs)
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss, grad_grad, grad_stats):
     # Only the loss is differentiable (the gradient and the stats outputs are not trained through).
     (saved_grad,) = ctx.saved_tensors
-    return ((grad_loss * saved_grad).to(ctx.logprobs_dtype),) + (None,) * 10
+    return ((grad_loss * saved_grad).to(ctx.logprobs_dtype),) + (None,) * (ctx.num_inputs - 1)
 
 
 policy_loss_terms_op.register_autograd(_backward, setup_context=_setup_context)
@@ -625,7 +866,7 @@ def policy_loss(
     mask: torch.Tensor,  # [N] bool / int / float
     *,
     ref_logprobs: torch.Tensor | None = None,  # [N] float (reference policy, for the KL term)
-    seq_ids: torch.Tensor | None = None,  # [N] int (required by the seq-* modes)
+    seq_ids: torch.Tensor | None = None,  # [N] int (required by the seq-* modes and sequence-level weights)
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
@@ -635,38 +876,44 @@ def policy_loss(
     loss_scale: float | None = None,
     global_tokens: float | torch.Tensor | None = None,
     global_seqs: float | torch.Tensor | None = None,
+    loss_type: str = "ppo",
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    policy_mask: torch.Tensor | None = None,  # [N] bool / int / float (e.g. `high_entropy_mask`)
     impl: str = "auto",
 ):  # -> (loss 0-d f32, metrics: dict[str, 0-d f32 tensor])
-    """PPO-clip policy loss with asymmetric clip, dual clip and a KL penalty over packed tokens.
+    """Clipped policy loss (PPO / GSPO / CISPO) with asymmetric clip, dual or two-sided clip and a KL
+    penalty over packed tokens.
 
-    Per-token semantics and gradient conventions: see the module docstring. Aggregation (`agg`,
-    `loss_scale`, `global_tokens`, `global_seqs`, `seq_ids`): see `aggregation_weights`.
-    Differentiable in `logprobs` only (the gradient comes back in logprobs' dtype).
+    Per-token semantics and gradient conventions: see the module docstring (`loss_type` "ppo" | "cispo",
+    `importance_sampling_level` "token" | "sequence" | "sequence_token", `delta`, `policy_mask`).
+    Aggregation (`agg`, `loss_scale`, `global_tokens`, `global_seqs`, `seq_ids`): see
+    `aggregation_weights`. Differentiable in `logprobs` only (the gradient comes back in logprobs' dtype).
 
     metrics (0-d tensors, detached, no host sync; means over this call's masked tokens):
-      loss, clip_frac_low (ratio < 1-clip_low and A < 0), clip_frac_high (ratio > 1+clip_high and
-      A > 0), clip_frac_dual (A < 0 and ratio > dual_clip), ratio_mean, kl_mean (0 without
-      ref_logprobs), tokens (sum of mask).
+      loss, clip_frac_low (coef < 1-clip_low and A < 0), clip_frac_high (coef > 1+clip_high and
+      A > 0; cispo: ratio > 1+clip_high and A > 0), clip_frac_dual (A < 0 and ratio > dual_clip),
+      ratio_mean, kl_mean (0 without ref_logprobs), tokens (sum of mask). At sequence level a token
+      counts with its sequence's ratio (token-weighted, not per sequence).
 
     impl: "auto" (Triton on CUDA, the torch reference on CPU), "reference", "triton" (on CPU tensors
     under TRITON_INTERPRET=1). Bad input raises ValueError naming the argument.
     """
-    _validate_all(_OP, logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
-                  kl_coef, kl_estimator)
+    cfg = _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type,
+                       importance_sampling_level, delta)
+    _validate_all(_OP, logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids=seq_ids,
+                  policy_mask=policy_mask, **cfg)
     check_choice(_OP, "agg", agg, AGG_MODES)
     backend = resolve_impl(impl, logprobs.device, op=_OP)
+    agg_kwargs = {"agg": agg, "loss_scale": loss_scale, "global_tokens": global_tokens,
+                  "global_seqs": global_seqs}
     if backend == "reference":
-        return policy_loss_reference(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
-            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, agg=agg, loss_scale=loss_scale, global_tokens=global_tokens,
-            global_seqs=global_seqs,
-        )
-    weights = aggregation_weights(mask, seq_ids, agg, loss_scale=loss_scale, global_tokens=global_tokens,
-                                  global_seqs=global_seqs, per_token=False)  # 0-d scale where the mode allows
-    loss, _grad, stats_vec = policy_loss_terms_op(
-        logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, float(clip_low), float(clip_high),
-        None if dual_clip is None else float(dual_clip), float(kl_coef), kl_estimator,
-    )
+        return policy_loss_reference(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                                     seq_ids=seq_ids, policy_mask=policy_mask, **cfg, **agg_kwargs)
+    # a 0-d scale where the mode allows
+    weights = aggregation_weights(mask, seq_ids, per_token=False, **agg_kwargs)
+    loss, _grad, stats_vec = policy_loss_terms_op(logprobs, old_logprobs, advantages, mask, weights,
+                                                  ref_logprobs, seq_ids=seq_ids, policy_mask=policy_mask,
+                                                  **cfg)
     metrics = metrics_from_stats(stats_vec)
     return loss, metrics

@@ -151,8 +151,14 @@ class AlgorithmConfig:
     """Advantage estimator (wz_engine.algorithms): "brpo" needs a pairwise judge; "grpo", "dr_grpo",
     "rloo", "reinforce_pp_baseline" take scalar rewards. Or a module path "pkg.module:name"."""
     policy_loss: str = "ppo_clip"
-    """Policy loss (wz_engine.algorithms): "ppo_clip" (clip, dual clip, KL, `agg`; fused with the
-    lm_head), or a module path "pkg.module:name" to a PolicyLoss of your own."""
+    """Policy loss (wz_engine.algorithms), each fused with the lm_head (clip, dual clip, delta, KL, `agg`):
+    "ppo_clip" (token ratio), "gspo" (GSPO: one ratio per sequence, exp of its mean token log-ratio,
+    clipped per sequence; the paper aggregates with agg = "seq-mean-token-mean"), "gspo_token" (GSPO-token:
+    the sequence ratio's value, each token's own gradient), "luspo" (GSPO with each sequence's loss
+    scaled by its length: agg "seq-mean-token-sum"), "cispo" (MiniMax-M1: -sg(clip(ratio, 1 - clip_low,
+    1 + clip_high)) * A * logp, no gradient clipped away; clip_low = 1: no lower bound, as TRL; ScaleRL
+    uses clip_high = 4); or a module path
+    "pkg.module:name" to a PolicyLoss of your own."""
     custom: dict[str, Any] = field(default_factory=dict)
     """Options of a custom estimator or loss (a table, e.g. custom = { beta = 0.5 }); built-ins ignore it."""
     ppo_epochs: int = 1
@@ -182,6 +188,16 @@ class AlgorithmConfig:
     """Upper clip range; DAPO's clip-higher uses e.g. 0.28."""
     dual_clip: float | None = None
     """Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens; None disables."""
+    delta: float | None = None
+    """Two-sided clipping (INTELLECT-2; TRL's `delta`): the unclipped ratio is capped at delta, i.e.
+    max(-A min(ratio, delta), -A clip(ratio)); above 1 + clip_high this equals dual_clip = delta for
+    A < 0. None disables. Not with "cispo"."""
+    top_entropy_quantile: float = 1.0
+    """Keep the policy-gradient term of only this top quantile of tokens by entropy (Beyond the 80/20
+    Rule; TRL's `top_entropy_quantile`, 0.2 in the paper); the KL term and the aggregation still count
+    every token. The quantile is taken over each micro-batch's tokens on its rank (TRL: over the
+    micro-batch of all processes). 1.0 keeps all; < 1 costs a second vocabulary sweep. Built-in losses
+    only."""
     kl_coef: float = 0.0
     """KL penalty against the frozen initial policy; > 0 builds the reference model."""
     kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k3"
@@ -189,7 +205,8 @@ class AlgorithmConfig:
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
-    """Loss aggregation; token counts are global over the step so accumulation is exact."""
+    """Loss aggregation; token counts are global over the step so accumulation is exact. "luspo" always
+    aggregates with "seq-mean-token-sum" (it accepts only that or the default here)."""
     loss_scale: float | None = None
     """Constant divisor of "seq-mean-token-sum-norm" (Dr. GRPO); None uses rollout.max_new_tokens."""
     dynamic_sampling: bool = False
@@ -319,6 +336,11 @@ class RunConfig:
             bad("algorithm.skew_threshold", f"must be in (0, 1], got {self.algorithm.skew_threshold}")
         if self.algorithm.dual_clip is not None and self.algorithm.dual_clip <= 1:
             bad("algorithm.dual_clip", f"must be > 1, got {self.algorithm.dual_clip}")
+        if self.algorithm.delta is not None and not self.algorithm.delta > 0:
+            bad("algorithm.delta", f"must be > 0 (a cap on the ratio), got {self.algorithm.delta}")
+        if not 0 <= self.algorithm.top_entropy_quantile <= 1:
+            bad("algorithm.top_entropy_quantile",
+                f"must be in [0, 1], got {self.algorithm.top_entropy_quantile}")
         if self.optim.lr <= 0:
             bad("optim.lr", f"must be > 0, got {self.optim.lr}")
         if not 0 <= self.train.zero_signal_threshold < 1:
@@ -359,6 +381,10 @@ class RunConfig:
             wanted = [n for n in ESTIMATORS.names() if ESTIMATORS.get(n).pairwise]
             raise ConfigError(f"algorithm.estimator: a pairwise judge ({self.judge.kind!r}) pairs with a pairwise "
                               f"estimator (one of {wanted}), got {self.algorithm.estimator!r}")
+        loss = entries["algorithm.policy_loss"]
+        if self.algorithm.top_entropy_quantile < 1 and not loss.takes_top_entropy:
+            raise ConfigError(f"algorithm.top_entropy_quantile: policy loss {self.algorithm.policy_loss!r} "
+                              "does not apply the top-entropy mask (the built-in fused losses do)")
         for entry in entries.values():
             if entry.validate is not None:
                 entry.validate(self)

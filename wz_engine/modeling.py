@@ -63,8 +63,9 @@ class PolicyLossBatch:
     seq_ids: torch.Tensor | None = None
     """[N] int: sequence id of each token (required by the seq-* aggregation modes)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Loss options: for the default loss the keyword arguments of `fused_linear_policy_loss` (clip_low,
-    clip_high, dual_clip, kl_coef, kl_estimator, agg, loss_scale, global_tokens, global_seqs)."""
+    """Loss options: for the built-in losses the keyword arguments of `fused_linear_policy_loss` (clip_low,
+    clip_high, dual_clip, delta, kl_coef, kl_estimator, agg, loss_scale, global_tokens, global_seqs, and a
+    loss's own: loss_type, importance_sampling_level, top_entropy_quantile)."""
     loss: Any = None
     """A `wz_engine.algorithms.PolicyLoss`; None: PPO-clip (`fused_linear_policy_loss`)."""
 

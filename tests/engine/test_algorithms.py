@@ -158,7 +158,9 @@ def test_reference_rows_stay_out_of_the_loss_unless_kept(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ('algorithm.estimator="grp"', "algorithm.estimator: 'grp' is not one of ['brpo', "),
     ('algorithm.estimator="grp"', "did you mean 'grpo'?"),
-    ('algorithm.policy_loss="ppo_clp"', "algorithm.policy_loss: 'ppo_clp' is not one of ['ppo_clip'"),
+    ('algorithm.policy_loss="ppo_clp"',
+     "algorithm.policy_loss: 'ppo_clp' is not one of ['cispo', 'gspo', 'gspo_token', 'luspo', 'ppo_clip'"),
+    ('algorithm.policy_loss="ppo_clp"', "did you mean 'ppo_clip'?"),
     ('judge.kind="genrn"', "did you mean 'genrm'?"),
     ('algorithm.estimator="no_such_pkg.mod:fn"', "algorithm.estimator: cannot import module 'no_such_pkg.mod'"),
     ('algorithm.policy_loss="wz_engine.demo.judge:nope"', "module 'wz_engine.demo.judge' has no attribute 'nope'"),

@@ -7,6 +7,7 @@ both trainers load it from there, so their weights are identical. One batch come
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_trainer(cls, model_dir, out_dir, **overrides):
+def make_trainer(cls, model_dir, out_dir, prompts=PROMPTS, callbacks=None, **overrides):
     from transformers import AutoTokenizer
 
     options = {  # bf16=False: fp32 throughout (TRL autocasts its LM head to bf16 by default)
@@ -51,8 +52,8 @@ def make_trainer(cls, model_dir, out_dir, **overrides):
     }
     options.update(overrides)
     trainer = cls(model=model_dir, reward_funcs=length_reward, args=GRPOConfig(**options),
-                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-                  processing_class=AutoTokenizer.from_pretrained(model_dir))
+                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                  processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=callbacks)
     trainer.current_gradient_accumulation_steps = GRAD_ACCUM  # set by Trainer's loop; compute_loss reads it
     trainer.model.train()
     return trainer
@@ -85,7 +86,9 @@ def batches(model_dir, tmp_path_factory):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([inputs["prompt_mask"], mask], 1), t)
-    off_policy["old_per_token_logps"] = logps + 0.3 * torch.randn(b, t, generator=gen)
+    # per-token noise plus a per-row shift, so that sequence-level ratios clip too
+    off_policy["old_per_token_logps"] = logps + 0.3 * torch.randn(b, t, generator=gen) + 0.3 * torch.randn(
+        b, 1, generator=gen)
     return on_policy, off_policy
 
 
@@ -97,22 +100,49 @@ def loss_and_grads(trainer, inputs):
     return loss.detach(), grads
 
 
-CASES = [  # (loss_type, beta, extra config)
-    ("grpo", 0.0, {"delta": 1.5}),
-    ("bnpo", 0.0, {}),
-    ("dr_grpo", 0.0, {}),
-    ("dapo", 0.0, {}),
-    ("grpo", 0.05, {"use_bias_correction_kl": True}),
-    ("bnpo", 0.05, {"use_bias_correction_kl": False}),
-    ("dr_grpo", 0.05, {"use_bias_correction_kl": True, "delta": 1.4}),
-    ("dapo", 0.05, {"use_bias_correction_kl": False}),
+# Every TRL 1.16 loss_type we support x both importance_sampling_levels x beta 0 / > 0; the two-sided clip
+# (delta above and below 1 + epsilon_high), the top-entropy mask, the off-policy sequence mask and the KL's
+# importance weighting spread over them. cispo's cap is epsilon_high itself (None: TRL falls back to epsilon).
+CASES = [  # (loss_type, importance_sampling_level, beta, extra config)
+    ("grpo", "token", 0.0, {"delta": 1.5}),
+    ("grpo", "sequence", 0.0, {}),
+    ("grpo", "token", 0.05, {"use_bias_correction_kl": True}),
+    ("grpo", "sequence", 0.05, {"use_bias_correction_kl": True, "delta": 1.35}),
+    ("bnpo", "token", 0.0, {"delta": 1.1}),
+    ("bnpo", "sequence", 0.0, {"top_entropy_quantile": 0.4}),
+    ("bnpo", "token", 0.05, {"use_bias_correction_kl": False}),
+    ("bnpo", "sequence", 0.05, {"use_bias_correction_kl": False, "off_policy_mask_threshold": 0.02}),
+    ("dr_grpo", "token", 0.0, {"top_entropy_quantile": 0.2}),
+    ("dr_grpo", "sequence", 0.0, {"delta": 1.25}),
+    ("dr_grpo", "token", 0.05, {"use_bias_correction_kl": True, "delta": 1.4}),
+    ("dr_grpo", "sequence", 0.05, {"use_bias_correction_kl": True}),
+    ("dapo", "token", 0.0, {}),
+    ("dapo", "sequence", 0.0, {"off_policy_mask_threshold": 0.02}),
+    ("dapo", "token", 0.05, {"use_bias_correction_kl": False, "top_entropy_quantile": 0.5}),
+    ("dapo", "sequence", 0.05, {"use_bias_correction_kl": True}),
+    ("luspo", "token", 0.0, {}),
+    ("luspo", "sequence", 0.0, {}),
+    ("luspo", "token", 0.05, {"use_bias_correction_kl": True, "off_policy_mask_threshold": 0.02}),
+    ("luspo", "sequence", 0.05, {"use_bias_correction_kl": True, "top_entropy_quantile": 0.3, "delta": 1.2}),
+    ("cispo", "token", 0.0, {"epsilon_high": 1.1}),
+    ("cispo", "sequence", 0.0, {"epsilon_high": 1.05, "top_entropy_quantile": 0.5}),
+    ("cispo", "token", 0.05, {"epsilon_high": None, "use_bias_correction_kl": True}),
+    ("cispo", "sequence", 0.05, {"epsilon_high": 1.05, "use_bias_correction_kl": True, "delta": 1.5}),
 ]
 
 
-@pytest.mark.parametrize("loss_type,beta,extra", CASES, ids=[f"{c[0]}-beta{c[1]}" for c in CASES])
-def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, beta, extra):
-    stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", loss_type=loss_type, beta=beta, **extra)
-    ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", loss_type=loss_type, beta=beta, **extra)
+def case_id(case):
+    loss_type, level, beta, extra = case
+    return "-".join([loss_type, level, f"beta{beta}", *(f"{k}={v}" for k, v in extra.items())])
+
+
+@pytest.mark.parametrize("loss_type,level,beta,extra", CASES, ids=[case_id(c) for c in CASES])
+def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, level, beta, extra):
+    config = dict({"loss_type": loss_type, "importance_sampling_level": level, "beta": beta}, **extra)
+    stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", **config)
+    ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", **config)
+    clip_metrics = ("cispo_clip_ratio",) if loss_type == "cispo" else (
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
     for name, inputs in zip(("on-policy", "off-policy"), batches):
         want_loss, want_grads = loss_and_grads(stock, inputs)
         got_loss, got_grads = loss_and_grads(ours, inputs)
@@ -121,12 +151,14 @@ def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, beta,
         assert any(g.abs().max() > 0 for g in want_grads.values()), "degenerate case: no gradient at all"
         for param, want in want_grads.items():
             torch.testing.assert_close(got_grads[param], want, rtol=1e-4, atol=1e-7, msg=f"{name}: grad {param}")
-        for metric in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (
-                ("kl",) if beta else ()):
+        for metric in clip_metrics + (("kl",) if beta else ()):
             assert ours._metrics["train"][metric][-1] == pytest.approx(stock._metrics["train"][metric][-1],
                                                                        rel=1e-5, abs=1e-7), f"{name}: {metric}"
-    # the off-policy batch really exercises the clipping (otherwise the metric comparison proves little)
-    assert stock._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+    # the off-policy batch really exercises the clipping (otherwise the metric comparison proves little);
+    # with delta <= 1 + epsilon_high TRL's high-clip count is 0 by construction, and at sequence level the
+    # low side alone may not fire on this batch
+    if not (level == "sequence" and extra.get("delta", math.inf) <= 1.28):
+        assert stock._metrics["train"][clip_metrics[-1]][-1] > 0
 
 
 def test_three_training_steps(model_dir, tmp_path):
@@ -143,9 +175,8 @@ def test_three_training_steps(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [
-    ("loss_type", "cispo"), ("loss_type", "sapo"), ("importance_sampling_level", "sequence"),
-    ("top_entropy_quantile", 0.2), ("entropy_coef", 0.01), ("delta", 1.1), ("off_policy_mask_threshold", 0.5),
-    ("cast_lm_head_to_fp32", True),
+    ("loss_type", "sapo"), ("loss_type", "vespo"), ("importance_sampling_level", "sequence_token"),
+    ("entropy_coef", 0.01), ("use_adaptive_entropy", True), ("cast_lm_head_to_fp32", True),
 ])
 def test_unsupported_option_is_a_clear_error(model_dir, tmp_path, option, value):
     with pytest.raises(ValueError, match=option):
@@ -160,8 +191,11 @@ def test_dapo_normaliser_matches_trl_formula():
     evaluation = trl_loss_normalisation("grpo", num_sequences=4, max_completion_length=8, num_items_in_batch=None,
                                         num_processes=1, grad_accum_steps=4, steps_per_generation=4, training=False)
     assert evaluation.divisor == 1.0 and evaluation.global_seqs == 4
+    luspo = trl_loss_normalisation("luspo", num_sequences=4, max_completion_length=8, num_items_in_batch=None,
+                                   num_processes=1, grad_accum_steps=4, steps_per_generation=4, training=True)
+    assert (luspo.agg, luspo.global_seqs, luspo.divisor) == ("seq-mean-token-sum", 4.0, 4.0)
     with pytest.raises(ValueError, match="loss_type"):
-        trl_loss_normalisation("luspo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
+        trl_loss_normalisation("sapo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
                                num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
 
 
@@ -201,19 +235,23 @@ def test_default_bf16_autocast_agrees_to_bf16_rounding(model_dir, batches, tmp_p
 
 
 def test_on_policy_beta_zero_is_one_fused_pass(monkeypatch):
-    """On-policy with beta = 0 runs only `fused_linear_policy_loss(old_logprobs=None)`: no separate
-    `fused_linear_logprobs` sweep (the loss / grads vs TRL are checked by test_loss_and_grads_match_trl)."""
-    from wz_engine.integrations import trl as trl_mod
+    """On-policy with beta = 0 at token level runs only `fused_linear_policy_loss(old_logprobs=None)`: no
+    separate `fused_linear_logprobs` sweep (loss / grads vs TRL: test_loss_and_grads_match_trl)."""
+    from wz_engine.integrations import trl_loss
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("fused_linear_logprobs called on the one-pass route")
 
-    monkeypatch.setattr(trl_mod._logprob, "fused_linear_logprobs", no_second_pass)
+    monkeypatch.setattr(trl_loss._logprob, "fused_linear_logprobs", no_second_pass)
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(6, 8, generator=g), torch.randn(17, 8, generator=g)
     targets, seq_ids = torch.randint(0, 17, (6,), generator=g), torch.tensor([0, 0, 0, 1, 1, 2])
-    norm = trl_mod.trl_loss_normalisation("grpo", num_sequences=3, max_completion_length=4, num_items_in_batch=None,
-                                          num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
-    loss, metrics = trl_mod.fused_grpo_loss(hidden, weight, targets, None, torch.randn(6, generator=g), seq_ids,
-                                            norm=norm)
-    assert torch.isfinite(loss) and float(metrics["ratio_mean"]) == 1.0
+    norm = trl_loss.trl_loss_normalisation("grpo", num_sequences=3, max_completion_length=4,
+                                           num_items_in_batch=None, num_processes=1, grad_accum_steps=1,
+                                           steps_per_generation=1, training=True)
+    for objective in (trl_loss.TRLObjective(), trl_loss.TRLObjective("cispo", epsilon_high=5.0),
+                      trl_loss.TRLObjective(delta=1.1)):
+        advantages = torch.randn(6, generator=g)
+        loss, metrics = trl_loss.fused_grpo_loss(hidden, weight, targets, None, advantages, seq_ids,
+                                                 norm=norm, objective=objective)
+        assert torch.isfinite(loss) and float(metrics["ratio_mean"]) == 1.0

@@ -1,8 +1,8 @@
-"""verl-named functions against float64 transcriptions of verl's published formulas.
+"""verl-named functions against float64 transcriptions of verl's published formulas, in float32 and with
+garbage in the padding (test_integration_verl_peer.py compares against verl's own functions in float64).
 
-The oracles below follow verl/trainer/ppo/core_algos.py and verl/utils/torch_functional.py (volcengine/verl,
-Jan 2026) line by line, including their per-sample Python loops, in float64. verl itself is not imported
-(it does not install cleanly on a CPU machine).
+The oracles below follow verl/trainer/ppo/core_algos.py and verl/utils/torch_functional.py of verl 0.9.1
+line by line, including their per-sample Python loops, in float64.
 """
 
 import math
@@ -16,7 +16,7 @@ import torch
 
 from wz_engine.integrations import verl as wz_verl
 
-AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 # ------------------------------------------------------------------------------------- verl oracles (float64)
@@ -40,12 +40,17 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_token
         if batch_num_tokens is None:
             batch_num_tokens = loss_mask.sum()
         return masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    if loss_agg_mode == "seq-mean-token-sum":
+    if loss_agg_mode == "token-sum":
+        return masked_sum(loss_mat, loss_mask) * dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
         seq_mask = (torch.sum(loss_mask, dim=-1) > 0).double()
         if global_batch_size is None:
             global_batch_size = seq_mask.sum()
-        return masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
+        loss = masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        return loss
     if loss_agg_mode == "seq-mean-token-mean":
         seq_mask = torch.sum(loss_mask, dim=-1)
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
@@ -53,8 +58,7 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_token
         if global_batch_size is None:
             global_batch_size = seq_mask.sum()
         return masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
-    seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
-    return torch.sum(seq_losses) / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    raise ValueError(loss_agg_mode)
 
 
 def verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange_low, cliprange_high, clip_ratio_c,
@@ -264,6 +268,7 @@ def test_index_to_group_ids_is_a_consistent_factorisation():
 def test_compute_policy_loss_vanilla_config_and_rollout_weights():
     old, new64, adv, mask = padded_batch(seed=8)
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    weights[:, ::2] = 0.0  # zero weights (rejected samples): they still count in the clip metrics, as in verl
     config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=3.0,
                              global_batch_info={})
     loss, metrics = wz_verl.compute_policy_loss_vanilla(old.float(), new64.float(), adv.float(), mask,
@@ -278,11 +283,19 @@ def test_compute_policy_loss_vanilla_config_and_rollout_weights():
     want = verl_agg_loss(per_token, mask.double(), "token-mean")
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    # verl computes the clip metrics on the unweighted advantages
+    _, clipfrac, ppo_kl, clipfrac_lower = verl_policy_loss(old, new64, adv, mask.double(), 0.2, 0.28, 3.0,
+                                                           "token-mean")
+    for key, want_metric in (("actor/pg_clipfrac", clipfrac), ("actor/ppo_kl", ppo_kl),
+                             ("actor/pg_clipfrac_lower", clipfrac_lower)):
+        assert metrics[key] == pytest.approx(float(want_metric), rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda o, n, a, m: wz_verl.compute_policy_loss(o, n, a, m, cliprange=0.2, loss_agg_mode="token-sum"),
+    (lambda o, n, a, m: wz_verl.compute_policy_loss(o, n, a, m, cliprange=0.2, loss_agg_mode="token-avg"),
      "loss_agg_mode"),
+    (lambda o, n, a, m: wz_verl.agg_loss(n, m, "token-mean", dp_size=2), "batch_num_tokens"),
+    (lambda o, n, a, m: wz_verl.agg_loss(n, m, "seq-mean-token-mean", dp_size=2), "global_batch_size"),
     (lambda o, n, a, m: wz_verl.compute_policy_loss(o, n, a, m, cliprange=0.2, clip_ratio_c=1.0), "clip_ratio_c"),
     (lambda o, n, a, m: wz_verl.compute_policy_loss(o, n, a, m), "cliprange"),
     (lambda o, n, a, m: wz_verl.compute_policy_loss(o, n[:, :3], a, m, cliprange=0.2), "log_prob"),

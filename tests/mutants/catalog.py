@@ -38,6 +38,7 @@ UPDATE = "wz_engine/update.py"
 T_BRPO = "tests/engine/test_brpo.py"
 T_ADV = "tests/kernels/test_advantage.py"
 T_LOSS = "tests/kernels/test_policy_loss.py"
+T_VARIANTS = "tests/kernels/test_policy_loss_variants.py"
 T_LOGP = "tests/kernels/test_logprob.py"
 T_ATTN = "tests/kernels/test_attention.py"
 T_PACK = "tests/engine/test_packing.py"
@@ -141,14 +142,14 @@ MUTANTS: list[Mutant] = [
            (f"{T_ADV}::test_gigpo_random",)),
     # ------------------------------------------------------------------ policy loss
     Mutant("loss-clip-bounds-swapped", LOSS,
-           "torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)",
-           "torch.clamp(ratio, 1.0 - clip_high, 1.0 + clip_low)",
+           "lo, hi = 1.0 - clip_low, 1.0 + clip_high",
+           "lo, hi = 1.0 - clip_high, 1.0 + clip_low",
            "asymmetric clip bounds swapped (clip_high used below 1, clip_low above) in the reference",
            (f"{T_LOSS}::test_hand_computed_case",)),
     Mutant("loss-clip-bounds-swapped-kernel", LOSS,
-           "tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)",
-           "tl.minimum(tl.maximum(ratio, 1.0 - clip_high), 1.0 + clip_low)",
-           "asymmetric clip bounds swapped in the Triton kernel",
+           "triton.cdiv(n, block), 1.0 - clip_low, 1.0 + clip_high,",
+           "triton.cdiv(n, block), 1.0 - clip_high, 1.0 + clip_low,",
+           "asymmetric clip bounds swapped in the Triton kernel's launch",
            (f"{T_LOSS}::test_triton_matches_float64_reference",)),
     Mutant("loss-kl-sign-reversed", LOSS,
            "d = logp - torch.where(valid, ref_logprobs, zero)",
@@ -160,8 +161,8 @@ MUTANTS: list[Mutant] = [
            "the kernel's k3 gradient has the wrong sign (the KL term pushes away from the reference)",
            (f"{T_LOSS}::test_triton_matches_float64_reference",)),
     Mutant("loss-dual-clip-on-positive-advantages", LOSS,
-           "dual_active = (adv < 0) & (pg > dual_bound)\n        pg = torch.where(adv < 0,",
-           "dual_active = (adv > 0) & (pg > dual_bound)\n        pg = torch.where(adv > 0,",
+           "dual_active = (adv < 0) & (pg > dual_bound)\n            pg = torch.where(adv < 0,",
+           "dual_active = (adv > 0) & (pg > dual_bound)\n            pg = torch.where(adv > 0,",
            "the dual clip is applied to positive advantages instead of negative ones",
            (f"{T_LOSS}::test_hand_computed_case",)),
     Mutant("loss-token-mean-ignores-global-tokens", LOSS,
@@ -172,6 +173,32 @@ MUTANTS: list[Mutant] = [
            "n_seqs = (per_seq > 0).sum().to(dtype)", "n_seqs = (per_seq >= 0).sum().to(dtype)",
            "the seq-mean normaliser counts token slots, not sequences with unmasked tokens",
            (f"{T_LOSS}::test_aggregation_matches_trl_formulas",)),
+    # ------------------------------------------------------------------ policy-loss variants
+    Mutant("loss-gspo-gradient-not-shared-out-kernel", LOSS,
+           "grad += (per_seq[dense] * (mask != 0) / counts).float()",
+           "grad += (per_seq[dense] * (mask != 0)).float()",
+           "GSPO's sequence-ratio gradient reaches each token undivided by the sequence length (kernel path)",
+           (f"{T_VARIANTS}::test_triton_matches_float64_reference",)),
+    Mutant("loss-cispo-weight-not-detached", LOSS,
+           "pg = -torch.clamp(ratio, lo, hi).detach() * adv * logp",
+           "pg = -torch.clamp(ratio, lo, hi) * adv * logp",
+           "CISPO's clipped importance weight is differentiated (the stop-gradient is lost) in the reference",
+           (f"{T_VARIANTS}::test_matches_python_loop",)),
+    Mutant("loss-delta-cap-keeps-gradient-kernel", LOSS,
+           "tl.where(ratio <= delta, ratio, 0.0))", "ratio)",
+           "two-sided clipping: a ratio above delta still passes its gradient (kernel)",
+           (f"{T_VARIANTS}::test_triton_matches_float64_reference",)),
+    Mutant("trl-cispo-gets-a-lower-bound", "wz_engine/integrations/trl_loss.py",
+           "clip_low, clip_high = 1.0, self.epsilon_high - 1.0",
+           "clip_low, clip_high = self.epsilon_low, self.epsilon_high - 1.0",
+           "WZGRPOTrainer's cispo clips its weight from below too (TRL only caps it)",
+           ("tests/engine/test_integration_trl.py::test_loss_and_grads_match_trl",)),
+    Mutant("verl-clip-metrics-on-weighted-advantages", "wz_engine/integrations/verl.py",
+           "old_log_prob, log_prob.detach(), advantages, response_mask,",
+           "old_log_prob, log_prob.detach(), advantages if rollout_is_weights is None else advantages * "
+           "rollout_is_weights, response_mask,",
+           "verl's pg_clipfrac is computed on IS-weighted advantages (a zero weight never counts as clipped)",
+           ("tests/engine/test_integration_verl.py",)),
     # ------------------------------------------------------------------ fused log-probs
     Mutant("logprob-temperature-dropped-in-backward-kernel", LOGP,
            "            dz = dz * inv_temp\n", "",

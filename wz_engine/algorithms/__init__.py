@@ -8,7 +8,8 @@ agree on pairwise vs pointwise rewards, and runs each entry's own `validate(cfg)
 Built-ins (one module per file, discovered: every module of the package is imported on first lookup)
 
     estimators/      brpo (pairwise); grpo, dr_grpo, rloo, reinforce_pp_baseline (wz_kernels.advantage)
-    losses/          ppo_clip (wz_kernels.fused_linear_policy_loss: clip, dual clip, KL, agg modes)
+    losses/          ppo_clip, gspo, gspo_token, luspo, cispo (wz_kernels.fused_linear_policy_loss: clip,
+                     dual / two-sided clip, KL, agg modes, top-entropy masking)
     reward_sources/  callable, genrm (pairwise judges); rule, scalar_rm, preference (pointwise; preference
                      trains the policy as the GenRM on preference pairs)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 
 
 def common_options(a: AlgorithmConfig, max_new_tokens: int) -> dict[str, Any]:
-    """The clip / KL / aggregation settings every loss gets (the kernel's keyword arguments)."""
+    """The clip / KL / aggregation settings every loss gets (`wz_kernels.policy_loss` keyword arguments)."""
     loss_scale = (a.loss_scale or float(max_new_tokens)) if a.agg == "seq-mean-token-sum-norm" else None
-    return {"clip_low": a.clip_low, "clip_high": a.clip_high, "dual_clip": a.dual_clip, "kl_coef": a.kl_coef,
-            "kl_estimator": a.kl_estimator, "agg": a.agg, "loss_scale": loss_scale}
+    return {"clip_low": a.clip_low, "clip_high": a.clip_high, "dual_clip": a.dual_clip, "delta": a.delta,
+            "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator, "agg": a.agg, "loss_scale": loss_scale}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class PolicyLoss:
     """Per-token-mean metrics the loss returns (logged under these names)."""
     validate: Callable[[RunConfig], None] | None = None
     """Extra config checks (raise ConfigError naming the key)."""
+    takes_top_entropy: ClassVar[bool] = False
+    """Whether the loss honours algorithm.top_entropy_quantile (the fused built-ins do; others refuse it)."""
 
     def options(self, a: AlgorithmConfig, max_new_tokens: int) -> dict[str, Any]:
         """`batch.options` of every micro-batch (the global counts are added by the update)."""
