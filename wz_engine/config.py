@@ -381,6 +381,9 @@ class RunConfig:
             except RegistryError as e:
                 raise ConfigError(f"{key}: {e}") from None
         estimator, source = entries["algorithm.estimator"], entries.get("judge.kind")
+        if source is not None and estimator.per_step:
+            raise ConfigError(f"algorithm.estimator: {self.algorithm.estimator!r} takes the steps of multi-turn "
+                              "episodes; set env.name (an environment) or use a single-turn estimator such as 'grpo'")
         if source is None and estimator.pairwise:
             raise ConfigError(f"algorithm.estimator: {self.algorithm.estimator!r} needs pairwise judge verdicts; "
                               "an environment's rewards are scalar (use \"gigpo\" or \"grpo\")")

@@ -18,7 +18,7 @@ the env's own): saved in the trainer's checkpoints, so a resumed run continues b
 
 The factory (`env.name`) is a class or function called once per instance as `factory(**env.kwargs)`;
 when it takes a `seed` keyword, each instance also gets its own seed for that own randomness
-(distinct per rank and instance, from train.seed).
+(from train.seed and the instance's global episode slot, so independent of the world size).
 """
 
 from __future__ import annotations
@@ -105,9 +105,10 @@ def eval_task_seeds(count: int) -> list[int]:
     return [2 * i + 1 for i in range(count)]
 
 
-def instance_seed(run_seed: int, rank: int, index: int) -> int:
-    """Seed of env instance `index` on `rank` for its own randomness (when its factory takes `seed`)."""
-    return int(np.random.default_rng([int(run_seed), int(rank), int(index), 0x696E73]).integers(0, 2**31))
+def instance_seed(run_seed: int, slot: int) -> int:
+    """Seed of the env instance of global episode slot `slot` (task slot x group_size + trajectory) for its own
+    randomness (when its factory takes `seed`): the same for any world size."""
+    return int(np.random.default_rng([int(run_seed), int(slot), 0x696E73]).integers(0, 2**31))
 
 
 # ----------------------------------------------------------------------------- config

@@ -32,9 +32,11 @@ class EnvPool:
         self._executor = ThreadPoolExecutor(workers) if workers > 0 else None
 
     @classmethod
-    def from_config(cls, env_cfg, size: int, run_seed: int, rank: int) -> EnvPool:
+    def from_config(cls, env_cfg, size: int, run_seed: int, first_slot: int = 0) -> EnvPool:
+        """`size` instances of `env.name` for the global episode slots first_slot .. first_slot + size - 1."""
         spec = ENVS.get(env_cfg.name)
-        return cls(lambda i: spec.make(env_cfg.kwargs, instance_seed(run_seed, rank, i)), size, env_cfg.workers)
+        return cls(lambda i: spec.make(env_cfg.kwargs, instance_seed(run_seed, first_slot + i)), size,
+                   env_cfg.workers)
 
     def __len__(self) -> int:
         return len(self.envs)

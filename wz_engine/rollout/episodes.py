@@ -138,8 +138,8 @@ class EpisodeCollector:
         cfg, info = trainer.cfg, trainer.info
         self.trainer = trainer
         self.tasks_per_rank = cfg.rollout.prompts_per_step // info.world_size
-        self.pool = EnvPool.from_config(cfg.env, self.tasks_per_rank * cfg.rollout.group_size, cfg.train.seed,
-                                        info.rank)
+        size = self.tasks_per_rank * cfg.rollout.group_size
+        self.pool = EnvPool.from_config(cfg.env, size, cfg.train.seed, first_slot=info.rank * size)
 
     def state_dict(self) -> dict:
         return {"envs": self.pool.state_dict()}

@@ -50,15 +50,7 @@ def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
     return out
 
 
-def _needs_env(cfg) -> None:
-    from wz_engine.config import ConfigError
-
-    if cfg.env.name is None:
-        raise ConfigError("algorithm.estimator: 'gigpo' groups the steps of multi-turn episodes; set env.name "
-                          "(an environment) or use a single-turn estimator such as 'grpo'")
-
-
-@register_estimator("gigpo", per_step=True, validate=_needs_env)
+@register_estimator("gigpo", per_step=True)  # per_step: RunConfig.validate requires an env
 def gigpo(inputs, cfg) -> Advantages:
     """A = A_episode + w * A_step (module docstring), in one `gigpo_advantages` launch over B_e + B rows:
 
