@@ -163,3 +163,25 @@ def test_two_process_agent_run_matches_one_process(tmp_path):
         state = torch.load(tmp_path / "two" / "checkpoints" / "step_00000002" / f"trainer_rank{rank}.pt",
                            weights_only=False)
         assert len(state["collector"]["envs"]["instances"]) == 4
+
+
+# ---------------------------------------------------------------------- wz demo --agent
+
+
+def test_agent_demo_runs_both_estimators_and_reports(tmp_path, capsys):
+    """The demo's plumbing on a short run (its learning is measured in bench/RESULTS.md): both runs, the
+    held-out evaluation before and after, curves and the comparison plot, the printed lines."""
+    from wz_engine.cli import main as wz
+
+    assert wz(["demo", "--agent", "--set", f'train.output_dir="{tmp_path}"', "--set", "train.steps=2",
+               "--set", "env.eval_seeds=3", "--set", "rollout.prompts_per_step=2", "--episodes-per-seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "success rate: initial " in out and " -> trained " in out and "GiGPO vs episode-level GRPO at 2 steps" in out
+    summary = json.loads((tmp_path / "demo_eval.json").read_text())
+    gigpo, grpo = summary["runs"]
+    assert (gigpo["estimator"], grpo["estimator"]) == ("gigpo", "grpo")
+    assert gigpo["initial"] == grpo["initial"]  # the same initial weights and held-out episodes
+    assert gigpo["trained"]["episodes"] == 6
+    for png in (gigpo["curves"], grpo["curves"], summary["comparison"]):
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "gigpo" / "metrics.jsonl").is_file() and (tmp_path / "grpo" / "metrics.jsonl").is_file()

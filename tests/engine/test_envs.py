@@ -36,25 +36,41 @@ def test_registry_builtin_and_module_path():
 
 
 def test_gridworld_rules():
-    env = GridWorld(rows=2, cols=3)
+    env = GridWorld(rows=2, cols=3, observe="absolute")
     obs, info = env.reset(7)
-    assert obs == GridWorld(rows=2, cols=3).reset(7)[0]  # same seed, same task
-    assert "up, down, left or right" in info["instruction"]
+    assert obs == GridWorld(rows=2, cols=3, observe="absolute").reset(7)[0]  # same seed, same task
+    assert info["instruction"] == "Reach the goal (2x3 grid)."
     env.pos, env.goal = (0, 0), (1, 2)
     assert env.step("up") == ("You: row 1, col 1. Goal: row 2, col 3.", 0.0, False, {})  # border: stays
     assert env.step("Go RIGHT")[0].startswith("You: row 1, col 2.")
-    o, _, d, i = env.step("left or right")
+    o, _, d, i = env.step("jump")
     assert i == {"invalid": True} and o.startswith("Invalid action. You: row 1, col 2.") and not d
     assert env.step(None)[3] == {"invalid": True}
     env.step("down")
     assert env.step("right") == ("You reached the goal.", 1.0, True, {"success": True})
     with pytest.raises(RuntimeError, match="reset first"):
         env.step("up")
-    assert parse_move("left left") == "left" and parse_move("upward") is None and parse_move("") is None
+    assert parse_move("left, then up") == "left" and parse_move("Up") == "up"
+    assert parse_move("upward") is None and parse_move("") is None and parse_move(None) is None
     with pytest.raises(ValueError, match="two cells"):
         GridWorld(rows=1, cols=1)
-    starts = {GridWorld().reset(s)[0] for s in range(1000)}
+    with pytest.raises(ValueError, match="observe"):
+        GridWorld(observe="both")
+    starts = {GridWorld(observe="absolute").reset(s)[0] for s in range(1000)}
     assert len(starts) == 72  # every (start, goal) pair of a 3x3 grid is a task
+
+
+def test_gridworld_relative_observation_is_a_compass():
+    env = GridWorld(rows=3, cols=3)
+    env.reset(0)
+    env.pos, env.goal = (2, 0), (0, 1)
+    assert env._observation() == "Goal: 2 up, 1 right."
+    assert env.step("right")[0] == "Goal: 2 up."
+    assert env.step("up")[0] == "Goal: 1 up."
+    assert env.step("left")[0] == "Goal: 1 up, 1 right."
+    assert env.step("left")[0] == "Goal: 1 up, 1 right."  # border: same cell, same observation
+    texts = set(env.corpus())
+    assert {"Goal: 2 up.", "Goal: 1 down, 2 left.", "up", "Invalid action."} <= texts
 
 
 def test_gridworld_slip_comes_from_its_own_saved_rng():
@@ -95,9 +111,10 @@ def test_task_seeds_train_even_eval_odd_and_world_size_free():
 
 
 def test_corpus_holds_the_action_tags():
-    texts = env_corpus(EnvConfig(name="gridworld", action_tag="move"))
-    assert "<move>" in texts and "</move>" in texts and any("Goal" in t for t in texts)
-    assert "<action>" not in env_corpus(EnvConfig(name="tests.engine.agent_helpers:CounterEnv", action_tag=""))
+    texts = "".join(env_corpus(EnvConfig(name="gridworld", action_tag="move")))
+    assert "<move>" in texts and "</move>" in texts and "Goal" in texts and "assistant\n" in texts
+    assert "<action>" not in "".join(env_corpus(EnvConfig(name="tests.engine.agent_helpers:CounterEnv",
+                                                          action_tag="")))
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -161,4 +161,7 @@ def env_corpus(env_cfg: EnvConfig, samples: int = 64) -> list[str]:
             obs, info = env.reset(seed)
             texts += [obs, str(info.get("instruction", ""))]
     tag = env_cfg.action_tag
-    return texts + ([f"<{tag}>", f"</{tag}>"] if tag else [])
+    # as the tiny model's ChatML template renders them (role names, newlines, tags), so that a tokenizer
+    # trained without the full byte alphabet can spell every prompt and merges what recurs
+    wrap = (lambda t: f"<{tag}>{t}</{tag}>") if tag else (lambda t: t)
+    return [f"system\nuser\n{t}\nassistant\n{wrap(t)}" for t in texts]

@@ -113,13 +113,15 @@ class RolloutStats:
 
 def run_episodes(sampler, tokenizer, pool, env_cfg, tasks: Sequence[tuple[int, int]], group_size: int,
                  params: SamplingParams, *, call_seed: Callable[[int, int], int] | None = None,
-                 timer=None, stats: RolloutStats | None = None) -> list[Episode]:
+                 turn_seed: Callable[[int], int] | None = None, timer=None,
+                 stats: RolloutStats | None = None) -> list[Episode]:
     """Run `group_size` episodes of every task (group id, task seed) to the end; episode k * group_size + j is
     env slot k * group_size + j of `pool`. -> the episodes, in slot order.
 
-    One sampler call per turn for all active episodes (each prompt with n = 1). With `call_seed`, one call
-    per (task, turn) instead, seeded call_seed(group id, turn): the samples then depend on neither the
-    batching nor the world size (as rollout.seed_per_prompt does for single-turn runs)."""
+    One sampler call per turn for all active episodes (each prompt with n = 1), seeded turn_seed(turn) when
+    given (else by the sampler's own generator). With `call_seed`, one call per (task, turn) instead, seeded
+    call_seed(group id, turn): the samples then depend on neither the batching nor the world size (as
+    rollout.seed_per_prompt does for single-turn runs)."""
     timer = timer or (lambda name: contextlib.nullcontext())
     stats = stats if stats is not None else RolloutStats()
     if len(pool) < len(tasks) * group_size:
@@ -139,7 +141,8 @@ def run_episodes(sampler, tokenizer, pool, env_cfg, tasks: Sequence[tuple[int, i
                                history_window=env_cfg.history, system_prompt=env_cfg.system_prompt,
                                max_prompt_tokens=env_cfg.max_prompt_tokens) for e in active]
         with timer("rollout"):
-            completions = _generate(sampler, active, prompts, one, turn, call_seed, stats)
+            turn_params = one if turn_seed is None else dataclasses.replace(one, seed=turn_seed(turn))
+            completions = _generate(sampler, active, prompts, turn_params, turn, call_seed, stats)
         actions = [parse_action(c.text, env_cfg.action_tag) for c in completions]
         with timer("env"):
             transitions = pool.step([e.slot for e in active], actions)

@@ -2,13 +2,18 @@
 
 A task (seed) places the agent and the goal on distinct cells of a rows x cols grid. Each turn the
 agent names a move: up, down, left or right; walking into the border leaves it where it is. Reaching
-the goal ends the episode with `goal_reward` (info["success"]). An action is valid when it names exactly
-one direction ("left", "go left", "left left"); anything else ("jump", "left or right", nothing) is
-invalid: the observation says so and the agent stays. With `slip` > 0 a valid move is replaced by a
+the goal ends the episode with `goal_reward` (info["success"]). With `progress_reward` > 0 every valid
+move also earns progress_reward x (the decrease of the Manhattan distance to the goal): +1 step closer,
+-1 step away, 0 into a wall (potential-based shaping: the best policy stays the best). An action is valid when it names exactly
+direction: the first one it names is the move ("left", "go left", "left, then up"); an action naming none
+("jump", nothing) is invalid: the observation says so and the agent stays. With `slip` > 0 a valid move is replaced by a
 random one with that probability, drawn from the instance's own RNG (saved in checkpoints).
 
-The observation is the agent's and the goal's position only, so the same cell met again in any
-trajectory of a task is the same observation: the anchor states GiGPO groups steps by.
+The observation says where the goal is: relative to the agent ("Goal: 2 down, 1 left.", the default:
+a compass, so a tiny model can learn to read it in minutes) or both positions in absolute terms
+("You: row 1, col 3. Goal: row 3, col 2."). Either way it is a function of the cell only, so the same
+cell met again in any trajectory of a task is the same observation: the anchor states GiGPO groups
+steps by.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ _MOVE_WORDS = re.compile(r"\b(up|down|left|right)\b", re.IGNORECASE)
 
 @register_env("gridworld")
 class GridWorld:
-    def __init__(self, rows: int = 3, cols: int = 3, slip: float = 0.0, goal_reward: float = 1.0, seed: int = 0):
+    def __init__(self, rows: int = 3, cols: int = 3, slip: float = 0.0, goal_reward: float = 1.0,
+                 progress_reward: float = 0.0, observe: str = "relative", seed: int = 0):
         if rows < 1 or cols < 1 or rows * cols < 2:
             raise ValueError(f"gridworld: needs at least two cells, got rows={rows}, cols={cols}")
         if not 0 <= slip <= 1:
             raise ValueError(f"gridworld: slip must be in [0, 1], got {slip}")
+        if observe not in ("relative", "absolute"):
+            raise ValueError(f"gridworld: observe must be 'relative' or 'absolute', got {observe!r}")
         self.rows, self.cols, self.slip, self.goal_reward = rows, cols, slip, goal_reward
+        self.observe, self.progress_reward = observe, progress_reward
         self.rng = random.Random(seed)
         self.pos = self.goal = (0, 0)
         self.done = True
@@ -50,11 +59,13 @@ class GridWorld:
         if self.slip and self.rng.random() < self.slip:
             move = self.rng.choice(sorted(MOVES))
         dr, dc = MOVES[move]
+        before = self._distance()
         self.pos = (min(max(self.pos[0] + dr, 0), self.rows - 1), min(max(self.pos[1] + dc, 0), self.cols - 1))
+        progress = self.progress_reward * (before - self._distance())
         if self.pos == self.goal:
             self.done = True
-            return "You reached the goal.", self.goal_reward, True, {"success": True}
-        return self._observation(), 0.0, False, {}
+            return "You reached the goal.", self.goal_reward + progress, True, {"success": True}
+        return self._observation(), progress, False, {}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate()}
@@ -69,24 +80,30 @@ class GridWorld:
         for pos in cells:
             for goal in cells:
                 if pos != goal:
-                    texts.append(_describe(pos, goal))
+                    texts.append(_describe(pos, goal, self.observe))
         return texts
+
+    def _distance(self) -> int:
+        return abs(self.goal[0] - self.pos[0]) + abs(self.goal[1] - self.pos[1])
 
     # -- text -------------------------------------------------------------------------------------
     def instruction(self) -> str:
-        return f"Walk to the goal on a {self.rows}x{self.cols} grid. Move up, down, left or right."
+        return f"Reach the goal ({self.rows}x{self.cols} grid)."
 
     def _observation(self) -> str:
-        return _describe(self.pos, self.goal)
+        return _describe(self.pos, self.goal, self.observe)
 
 
 def parse_move(action: str | None) -> str | None:
-    """The one direction the action names (lower case), or None when it names none or several."""
-    if action is None:
-        return None
-    words = {w.lower() for w in _MOVE_WORDS.findall(action)}
-    return words.pop() if len(words) == 1 else None
+    """The first direction the action names (lower case), or None when it names none."""
+    found = _MOVE_WORDS.search(action) if action is not None else None
+    return found.group(1).lower() if found else None
 
 
-def _describe(pos: tuple[int, int], goal: tuple[int, int]) -> str:
-    return f"You: row {pos[0] + 1}, col {pos[1] + 1}. Goal: row {goal[0] + 1}, col {goal[1] + 1}."
+def _describe(pos: tuple[int, int], goal: tuple[int, int], observe: str) -> str:
+    if observe == "absolute":
+        return f"You: row {pos[0] + 1}, col {pos[1] + 1}. Goal: row {goal[0] + 1}, col {goal[1] + 1}."
+    dr, dc = goal[0] - pos[0], goal[1] - pos[1]
+    parts = ([f"{abs(dr)} {'down' if dr > 0 else 'up'}"] if dr else []) + \
+        ([f"{abs(dc)} {'right' if dc > 0 else 'left'}"] if dc else [])
+    return f"Goal: {', '.join(parts)}."
