@@ -13,8 +13,8 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 AGENT_CONFIG = Path(__file__).with_name("agent_cpu.toml")
 AGENT_PLOT_KEYS = ("agent/success_rate", "agent/return_mean", "agent/episode_length", "agent/invalid_action_rate",
