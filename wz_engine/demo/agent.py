@@ -17,9 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 AGENT_CONFIG = Path(__file__).with_name("agent_cpu.toml")
-AGENT_PLOT_KEYS = ("agent/success_rate", "agent/return_mean", "agent/episode_length", "agent/invalid_action_rate",
-                   "agent/step_advantage_share", "agent/anchor_steps_with_partner", "loss", "entropy", "grad_norm",
-                   "agent/rollout_tokens_per_s")
 
 
 def _evaluate(trainer, episodes_per_seed: int):
@@ -39,14 +36,14 @@ def train_and_evaluate(overrides: Sequence[str], episodes_per_seed: int) -> dict
     from wz_engine.trainer import Trainer
 
     cfg = load_config(AGENT_CONFIG, list(overrides))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a rerun moves the previous demo run aside (and says where)
     try:
         initial = _evaluate(trainer, episodes_per_seed)
         start = time.perf_counter()
         trainer.fit()
         train_s = time.perf_counter() - start
         trained = _evaluate(trainer, episodes_per_seed)
-        png = plot_run(cfg.train.output_dir, keys=AGENT_PLOT_KEYS) if trainer.step_idx else None
+        png = plot_run(cfg.train.output_dir) if trainer.step_idx else None  # agent panels: wz_engine.metrics
         return {"estimator": cfg.algorithm.estimator, "steps": trainer.step_idx, "train_seconds": train_s,
                 "initial": vars(initial), "trained": vars(trained), "curves": str(png) if png else None,
                 "run_dir": cfg.train.output_dir}
