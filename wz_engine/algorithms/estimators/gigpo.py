@@ -58,6 +58,9 @@ def gigpo(inputs, cfg) -> Advantages:
           return, in its task's group, each its own anchor (singleton: A_step = 0)      -> A_episode
       step rows (one per step): episode value 0 in groups of their own (all-equal: A_episode = 0 exactly),
           the step return in its anchor group                                         -> w * A_step
+
+    The kernel keys anchor groups by (group id, anchor id), and `anchor_ids` already never shares an id
+    across tasks: two independent guards against mixing tasks' states.
     """
     from wz_kernels.advantage import gigpo_advantages
 
