@@ -73,6 +73,19 @@ def test_gridworld_relative_observation_is_a_compass():
     assert {"Goal: 2 up.", "Goal: 1 down, 2 left.", "up", "Invalid action."} <= texts
 
 
+def test_gridworld_progress_reward_is_potential_based():
+    env = GridWorld(rows=3, cols=3, progress_reward=0.25)
+    env.reset(0)
+    env.pos, env.goal = (1, 1), (0, 2)
+    assert env.step("down")[1] == -0.25  # one step farther
+    assert env.step("down")[1] == 0.0  # into the wall: no move, no progress
+    assert env.step("jump")[1] == 0.0  # invalid: the engine's env.invalid_penalty applies, not shaping
+    assert env.step("up")[1] == 0.25
+    assert env.step("up")[1] == 0.25
+    assert env.step("right") == ("You reached the goal.", 1.25, True, {"success": True})
+    # the shaped rewards of an episode sum to progress x (start distance - final distance) + the goal reward
+
+
 def test_gridworld_slip_comes_from_its_own_saved_rng():
     def run(env):
         env.reset(3)
