@@ -31,7 +31,11 @@ def build_tokenizer_and_model(cfg: RunConfig, output_dir: Path, prompt_texts: li
 
             tokenizer = AutoTokenizer.from_pretrained(str(saved))
         else:
-            if cfg.data.path == "demo":
+            if cfg.env.name is not None:  # an agent run: the environment's texts
+                from wz_engine.envs.base import env_corpus
+
+                texts = env_corpus(cfg.env)
+            elif cfg.data.path == "demo":
                 from wz_engine.demo.judge import corpus
 
                 texts = corpus()
@@ -75,3 +79,15 @@ def build_sampler(cfg: RunConfig, policy: FusedHeadCausalLM, tokenizer, info: wz
 
     return HFSampler(policy.model, tokenizer, gather=lambda: wzdist.gathered_for_generation(policy),
                      seed=cfg.train.seed * 1000 + info.rank)
+
+
+def build_collector(trainer):
+    """The trainer's collect phase: single-turn prompts (`Trainer.collect`), or multi-turn episodes of the
+    environment `env.name` (wz_engine.rollout.episodes)."""
+    if trainer.cfg.env.name is None:
+        from wz_engine.rollout.batch import PromptCollector
+
+        return PromptCollector(trainer)
+    from wz_engine.rollout.episodes import EpisodeCollector
+
+    return EpisodeCollector(trainer)

@@ -13,6 +13,7 @@ commands:
                                             train (same as python -m wz_engine.train; use torchrun for >1 GPU)
   demo [--judge] [--set k=v ...]            train a tiny model with BRPO on CPU and report its win rate
                                             (--judge: train a tiny GenRM on preference pairs instead)
+  demo --agent [--set k=v ...]              train a tiny agent with GiGPO (vs GRPO) on a gridworld, on CPU
   export RUN_DIR OUT_DIR [--force]          export the newest checkpoint that verifies as HF safetensors
   plot RUN_DIR [--out PNG]                  plot a run's metric curves to a PNG
   judge eval ...                            evaluate a pairwise judge on preference data
@@ -65,6 +66,10 @@ def _dispatch(argv: list[str]) -> int:
 
         return train_main(rest)
     if command == "demo":
+        if "--agent" in rest:
+            from wz_engine.demo.agent import main as agent_main
+
+            return agent_main([a for a in rest if a != "--agent"])
         from wz_engine.demo.run import main as demo_main
 
         return demo_main(rest)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from wz_engine.envs.config import EnvConfig, GiGPOConfig
 from wz_engine.judge.config import GenRMConfig
 from wz_engine.judge.verifiable import PreferenceConfig
 from wz_engine.rollout.vllm_config import VLLMConfig  # importable without vllm installed
@@ -149,7 +150,10 @@ class JudgeConfig:
 class AlgorithmConfig:
     estimator: str = "brpo"
     """Advantage estimator (wz_engine.algorithms): "brpo" needs a pairwise judge; "grpo", "dr_grpo",
-    "rloo", "reinforce_pp_baseline" take scalar rewards. Or a module path "pkg.module:name"."""
+    "rloo", "reinforce_pp_baseline" take scalar rewards (with an env: episode returns, one row per
+    trajectory); "gigpo" needs an env (see `gigpo`). Or a module path "pkg.module:name"."""
+    gigpo: GiGPOConfig = field(default_factory=GiGPOConfig)
+    """GiGPO settings (estimator = "gigpo", multi-turn runs with an `env`)."""
     policy_loss: str = "ppo_clip"
     """Policy loss (wz_engine.algorithms), each fused with the lm_head (clip, dual clip, delta, KL, `agg`):
     "ppo_clip" (token ratio), "gspo" (GSPO: one ratio per sequence, exp of its mean token log-ratio,
@@ -315,6 +319,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     def validate(self) -> "RunConfig":
         """Cross-field checks that a single field's type cannot express."""
@@ -354,6 +359,10 @@ class RunConfig:
         mb, P = self.algorithm.ppo_mini_batch_size, self.rollout.prompts_per_step
         if mb is not None and not (1 <= mb <= P and P % mb == 0):
             bad("algorithm.ppo_mini_batch_size", f"must divide rollout.prompts_per_step = {P}, got {mb}")
+        if self.env.name is not None:
+            from wz_engine.envs.base import validate_env_config
+
+            validate_env_config(self)
         self._validate_algorithms()
         return self
 
@@ -363,21 +372,28 @@ class RunConfig:
         from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, RegistryError
 
         entries = {}
+        # with an environment the env is the reward source: the judge is not used
+        judge = [] if self.env.name is not None else [("judge.kind", REWARD_SOURCES, self.judge.kind)]
         for key, registry, name in [("algorithm.estimator", ESTIMATORS, self.algorithm.estimator),
-                                    ("algorithm.policy_loss", POLICY_LOSSES, self.algorithm.policy_loss),
-                                    ("judge.kind", REWARD_SOURCES, self.judge.kind)]:
+                                    ("algorithm.policy_loss", POLICY_LOSSES, self.algorithm.policy_loss), *judge]:
             try:
                 entries[key] = registry.get(name)
             except RegistryError as e:
                 raise ConfigError(f"{key}: {e}") from None
-        estimator, source = entries["algorithm.estimator"], entries["judge.kind"]
+        estimator, source = entries["algorithm.estimator"], entries.get("judge.kind")
+        if source is not None and estimator.per_step:
+            raise ConfigError(f"algorithm.estimator: {self.algorithm.estimator!r} takes the steps of multi-turn "
+                              "episodes; set env.name (an environment) or use a single-turn estimator such as 'grpo'")
+        if source is None and estimator.pairwise:
+            raise ConfigError(f"algorithm.estimator: {self.algorithm.estimator!r} needs pairwise judge verdicts; "
+                              "an environment's rewards are scalar (use \"gigpo\" or \"grpo\")")
         pairwise = [n for n in REWARD_SOURCES.names() if REWARD_SOURCES.get(n).pairwise]
-        if estimator.pairwise and not source.pairwise:
+        if source is not None and estimator.pairwise and not source.pairwise:
             pointwise = [n for n in ESTIMATORS.names() if not ESTIMATORS.get(n).pairwise]
             raise ConfigError(f"judge.kind: estimator {self.algorithm.estimator!r} needs a pairwise judge "
                               f"(one of {pairwise}), got {self.judge.kind!r}, whose rewards are pointwise: "
                               f"keep it and set algorithm.estimator to one of {pointwise}")
-        if source.pairwise and not estimator.pairwise:
+        if source is not None and source.pairwise and not estimator.pairwise:
             wanted = [n for n in ESTIMATORS.names() if ESTIMATORS.get(n).pairwise]
             raise ConfigError(f"algorithm.estimator: a pairwise judge ({self.judge.kind!r}) pairs with a pairwise "
                               f"estimator (one of {wanted}), got {self.algorithm.estimator!r}")

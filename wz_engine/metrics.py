@@ -190,6 +190,11 @@ PANELS = (
     # learning: an absolute level that rises as the policy improves
     Panel("judge score (mean of valid verdicts)", ("judge/score_mean",)),
     Panel("mean reward", ("reward/mean",), unless="judge/score_mean"),  # BRPO's +-1 rewards: ~0 always
+    # agent runs (env.name): success, episode length against its cap, and the GiGPO shares
+    Panel("agent success rate (training episodes)", ("agent/success_rate",)),
+    Panel("agent episode length (turns) vs max_turns", ("agent/episode_length",), cap="env.max_turns"),
+    Panel("agent shares: invalid actions, steps with an anchor partner, step-advantage share",
+          ("agent/invalid_action_rate", "agent/anchor_steps_with_partner", "agent/step_advantage_share")),
     # reward-hacking monitors (Writing-Zero): length against its cap, truncation, length bias, position bias
     Panel("response length (tokens) vs max_new_tokens", ("response/length_mean", "response/length_max"),
           cap="rollout.max_new_tokens"),

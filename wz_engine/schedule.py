@@ -14,6 +14,8 @@ order, no shuffle), which keeps the on-policy fast path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -22,22 +24,28 @@ def num_mini_batches(prompts_per_step: int, mini_batch_prompts: int | None) -> i
     return 1 if mini_batch_prompts is None else prompts_per_step // mini_batch_prompts
 
 
-def mini_batch_rows(num_groups: int, group_size: int, mini_batches: int, seed: int, first_group: int = 0,
-                    total_groups: int | None = None) -> list[torch.Tensor]:
+def mini_batch_rows(num_groups: int, group_size: int | Sequence[int], mini_batches: int, seed: int,
+                    first_group: int = 0, total_groups: int | None = None) -> list[torch.Tensor]:
     """Row indices [rows_m] (int64, ascending) of this rank's part of each of `mini_batches` mini-batches.
 
     The step's `total_groups` groups (default `num_groups`) are permuted with `seed` and cut into
     `mini_batches` pieces of equal size (+-1); this rank holds groups first_group .. first_group +
-    num_groups - 1 of them (`group_size` consecutive rows each), and takes the rows of those in each
-    piece. The same seed on every rank makes the mini-batches independent of the world size. One
-    mini-batch: every row, in order."""
+    num_groups - 1 of them, and takes the rows of those in each piece. Rows are group-major: `group_size`
+    consecutive rows per group, or per group its own count (a sequence of num_groups counts: multi-turn
+    episode groups hold as many rows as turns). The same seed on every rank makes the mini-batches
+    independent of the world size. One mini-batch: every row, in order."""
+    sizes = np.full(num_groups, group_size) if np.isscalar(group_size) else np.asarray(group_size, dtype=np.int64)
+    if len(sizes) != num_groups:
+        raise ValueError(f"mini_batch_rows: {len(sizes)} group sizes for {num_groups} groups")
     if mini_batches == 1:
-        return [torch.arange(num_groups * group_size)]
+        return [torch.arange(int(sizes.sum()))]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     order = np.random.default_rng(seed).permutation(num_groups if total_groups is None else total_groups)
     out = []
     for piece in np.array_split(order, mini_batches):
         local = np.sort(piece[(piece >= first_group) & (piece < first_group + num_groups)]) - first_group
-        out.append(torch.from_numpy((local[:, None] * group_size + np.arange(group_size)).reshape(-1)).long())
+        rows = [np.arange(starts[g], starts[g] + sizes[g]) for g in local]
+        out.append(torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)).long())
     return out
 
 

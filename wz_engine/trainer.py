@@ -27,7 +27,8 @@ from wz_engine import checkpoint as ckpt
 from wz_engine import distributed as wzdist
 from wz_engine.algorithms import ESTIMATORS, POLICY_LOSSES, REWARD_SOURCES, AdvantageInputs
 from wz_engine.algorithms.reward_source import load_prompt_rows
-from wz_engine.build import HF_CONFIG_DIR, TOKENIZER_DIR, build_reward_source, build_sampler, build_tokenizer_and_model
+from wz_engine.build import (HF_CONFIG_DIR, TOKENIZER_DIR, build_collector, build_reward_source, build_sampler,
+                             build_tokenizer_and_model)
 from wz_engine.config import RunConfig
 from wz_engine.data import PromptStream, render_prompts, split_holdout
 from wz_engine.export import export_live_policy
@@ -111,6 +112,7 @@ class Trainer:
         self.sampler = build_sampler(cfg, self.policy, tokenizer, self.info)
         self.rewarder = build_reward_source(cfg, lm, tokenizer, self.device,
                                             lambda: wzdist.gathered_for_generation(self.policy), self.sampler)
+        self.collector = build_collector(self)  # the collect phase: prompts (self.collect) or env episodes
         self.step_idx = 0  # completed rollout steps
         self.optimizer_step = 0  # optimizer steps taken (or skipped as non-finite)
         self.last_updates: list = []  # the last rollout step's optimizer steps: (metrics, grad norm, lr, taken)
@@ -133,6 +135,7 @@ class Trainer:
                 self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
                 if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
                     self.sampler.load_state_dict(state["sampler"])
+                self.collector.load_state_dict(state.get("collector", {}))
                 self.checkpointed_step = self.step_idx
             if self.info.is_main:
                 rundir.trim_logs(self.out, self.step_idx)
@@ -293,11 +296,11 @@ class Trainer:
         gather = wzdist.gathered_for_generation(self.policy) if cfg.rollout.sampler == "hf" \
             else contextlib.nullcontext()
         with gather:
-            got = self.collect(timer)
+            got = self.collector.collect(timer)
         self.sampler.sleep()  # vLLM: free the engine's memory for training (no-op for hf)
         with timer("pack"):
             P_local = cfg.rollout.prompts_per_step // self.info.world_size
-            parts = mini_batch_rows(len(got.groups), cfg.rollout.group_size, self.mini_batches,
+            parts = mini_batch_rows(len(got.groups), got.group_rows(), self.mini_batches,
                                     _seed_for(_MINI_BATCH_SALT, cfg.train.seed, self.step_idx),
                                     self.info.rank * P_local, cfg.rollout.prompts_per_step)
             prompts, responses, adv, in_loss = got.prompt_ids(), got.response_ids(), got.cat("adv"), got.cat("in_loss")
@@ -316,7 +319,7 @@ class Trainer:
                     for ub in ubs]
         tis = {}
         if self._use_tis():
-            engine = [torch.tensor(c.logprobs, dtype=torch.float32) for g in got.groups for c in g]
+            engine = got.engine_logprobs()
             tis = apply_rollout_correction(ubs, olds, [[engine[i] for i in rows.tolist()] for rows in parts],
                                            cfg.rollout.vllm.is_correction_cap)
         with timer("update"):
@@ -327,14 +330,12 @@ class Trainer:
             raise RuntimeError(f"aborting: {self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
                                f"gradient (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); "
                                "lower optim.lr or check the rewards")
-        if got.groups:
-            self.last_sample = {"prompt": got.prompts[0].text, "response": got.groups[0][0].text,
-                                "reward": float(got.cat("rewards")[0]), "advantage": float(got.cat("adv")[0])}
+        self.last_sample = got.sample() or self.last_sample
         out = step_metrics(update, ubs, ents, got.cat("rewards"), got.cat("skew"), got.groups, got.judge_stats,
                            cfg.rollout.group_size, time.perf_counter() - t0)
         out.update({"sampling_rounds": got.rounds, "data/filtered_prompts": self.filtered,
                     "data/epoch": self.stream.epoch, "train/rollout_step": self.step_idx,
-                    "train/optimizer_step": self.optimizer_step, **timer.pop()})
+                    "train/optimizer_step": self.optimizer_step, **got.metrics, **timer.pop()})
         out.update(rollout_monitors(got.groups, got.cat("adv"), got.cat("is_ref").bool()))
         last_sync = getattr(self.sampler, "last_sync", None)  # vLLM: seconds, GB/s, bytes of the push
         return {**out, **tis, **(last_sync.as_log() if last_sync is not None else {})}
@@ -345,6 +346,7 @@ class Trainer:
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "optimizer_step": self.optimizer_step}
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
+        state["collector"] = self.collector.state_dict()  # env runs: every env instance's own state (RNG)
         path = ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
                                     self.info.rank, keep=self.cfg.checkpoint.keep, run_id=self.run.run_id)
         self.checkpointed_step = self.step_idx

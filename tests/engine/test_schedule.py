@@ -46,6 +46,21 @@ def test_mini_batches_do_not_depend_on_the_world_size():
     assert [r.tolist() for r in short] == [[x for x in r.tolist() if x < 9] for r in ranks[1]]
 
 
+def test_mini_batch_rows_with_a_row_count_per_group():
+    """Multi-turn episode groups hold as many rows as turns: the pieces still take whole groups."""
+    sizes = [3, 1, 4, 2, 5]
+    starts = [0, 3, 4, 8, 10]
+    parts = mini_batch_rows(5, sizes, 2, seed=11)
+    same = mini_batch_rows(5, 3, 2, seed=11)  # the same seed picks the same groups
+    for p, q in zip(parts, same):
+        groups = sorted(set((q // 3).tolist()))
+        assert p.tolist() == [r for g in groups for r in range(starts[g], starts[g] + sizes[g])]
+    assert sorted(torch.cat(parts).tolist()) == list(range(15))
+    assert mini_batch_rows(5, sizes, 1, seed=0)[0].tolist() == list(range(15))
+    with pytest.raises(ValueError, match="4 group sizes for 5 groups"):
+        mini_batch_rows(5, sizes[:4], 2, seed=0)
+
+
 def test_combine_updates():
     out = combine_updates([({"loss": 1.0, "clip_frac_low": 0.5}, 2.0, 0.1, True),
                            ({"loss": 3.0, "clip_frac_low": 0.0}, 4.0, 0.2, False)])

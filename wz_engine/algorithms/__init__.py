@@ -7,7 +7,8 @@ agree on pairwise vs pointwise rewards, and runs each entry's own `validate(cfg)
 
 Built-ins (one module per file, discovered: every module of the package is imported on first lookup)
 
-    estimators/      brpo (pairwise); grpo, dr_grpo, rloo, reinforce_pp_baseline (wz_kernels.advantage)
+    estimators/      brpo (pairwise); grpo, dr_grpo, rloo, reinforce_pp_baseline (wz_kernels.advantage);
+                     gigpo (per_step: multi-turn agent runs with an env, wz_kernels.gigpo_advantages)
     losses/          ppo_clip, gspo, gspo_token, luspo, cispo (wz_kernels.fused_linear_policy_loss: clip,
                      dual / two-sided clip, KL, agg modes, top-entropy masking)
     reward_sources/  callable, genrm (pairwise judges); rule, scalar_rm, preference (pointwise; preference
@@ -33,9 +34,10 @@ Adding one (no trainer edit)
 Extension points, per kind (see each module's docstring for the exact contract)
 
   * `Estimator` (estimator.py): `fn(AdvantageInputs, AlgorithmConfig) -> [B] | Advantages`, `pairwise`,
-    `validate`. The rewards are checked on the host first (`check_rewards`), so the kernels run with
-    `validate=False` (no device sync). New per-row inputs (GiGPO's step returns, anchor ids) become
-    optional fields of `AdvantageInputs`, filled where the trainer builds it.
+    `per_step`, `validate`. The rewards are checked on the host first (`check_rewards`), so the kernels run
+    with `validate=False` (no device sync). Per-row inputs beyond the rewards are optional fields of
+    `AdvantageInputs`: GiGPO's step_returns / anchor_ids / trajectory_ids, filled for `per_step` estimators
+    in multi-turn runs (wz_engine/rollout/episodes.py); other estimators see one row per trajectory there.
   * `PolicyLoss` (loss.py): `TokenLoss` for `fn(logprobs, batch) -> (loss, metrics)` written in torch,
     or a subclass whose `__call__` runs a fused kernel on hidden states + lm_head weight (as
     `ppo_clip`); `options(cfg.algorithm, max_new_tokens)` builds the per-micro-batch options (a fused

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +28,14 @@ class AdvantageInputs:
     """[B] bool: the rollout that served as its group's reference (all False for pointwise sources)."""
     lengths: torch.Tensor
     """[B] int64 response lengths in tokens."""
+    # Multi-turn runs (an env), for estimators registered with per_step=True: one row per environment
+    # step, `rewards` holding the return of the step's episode and `group_ids` its task.
+    step_returns: torch.Tensor | None = None
+    """[B] float32 discounted return-to-go from each step (gamma = algorithm.gigpo.gamma)."""
+    anchor_ids: torch.Tensor | None = None
+    """[B] int64 anchor state of each step: equal ids = the same observation within the same task group."""
+    trajectory_ids: torch.Tensor | None = None
+    """[B] int64 episode of each step (distinct across the batch)."""
 
 
 @dataclass
@@ -36,6 +44,8 @@ class Advantages:
     """[B] float32 advantage per rollout."""
     kept: torch.Tensor
     """[B] bool: False for rows of groups the estimator dropped (e.g. BRPO's skew filter)."""
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Optional [B] parts of `values` for monitoring (GiGPO: "episode" and the weighted "step" term)."""
 
 
 EstimatorFn = Callable[[AdvantageInputs, "AlgorithmConfig"], "torch.Tensor | Advantages"]
@@ -50,6 +60,9 @@ class Estimator:
     fn: EstimatorFn
     pairwise: bool = False
     """Takes pairwise rewards (+1 / -1 / 0 against a reference): needs a pairwise reward source."""
+    per_step: bool = False
+    """Multi-turn runs: takes one row per environment step (step_returns, anchor_ids, trajectory_ids set).
+    Without it an estimator sees one row per trajectory (its episode return), broadcast to its steps."""
     validate: Callable[[RunConfig], None] | None = None
     """Extra config checks (raise ConfigError naming the key)."""
 
@@ -71,7 +84,7 @@ class Estimator:
         self.check_rewards(inputs.rewards)
         out = self.fn(inputs, cfg)
         if isinstance(out, Advantages):
-            return Advantages(out.values.float(), out.kept.bool())
+            return Advantages(out.values.float(), out.kept.bool(), out.components)
         values = torch.as_tensor(out).float()
         if values.shape != inputs.rewards.shape:
             raise ValueError(f"estimator {self.name!r} returned shape {tuple(values.shape)} for "
@@ -83,10 +96,12 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator", "wz_engine.algorithms.es
                                            from_function=Estimator)  # a plain function: pointwise
 
 
-def register_estimator(name: str, *, pairwise: bool = False, validate=None) -> Callable[[EstimatorFn], Estimator]:
+def register_estimator(name: str, *, pairwise: bool = False, per_step: bool = False,
+                       validate=None) -> Callable[[EstimatorFn], Estimator]:
     """Decorator: `@register_estimator("my_name")` over `fn(inputs, cfg) -> [B] advantages`."""
 
     def wrap(fn: EstimatorFn) -> Estimator:
-        return ESTIMATORS.register(name, Estimator(name, fn, pairwise=pairwise, validate=validate))
+        return ESTIMATORS.register(name, Estimator(name, fn, pairwise=pairwise, per_step=per_step,
+                                                   validate=validate))
 
     return wrap

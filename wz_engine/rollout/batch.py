@@ -20,6 +20,8 @@ class Rollouts:
     """Per-row tensors [G] per group: rewards, is_ref, adv, in_loss, skew (kept by the skew filter)."""
     judge_stats: dict = dataclasses.field(default_factory=dict)
     rounds: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    """The collect phase's own step metrics (global over ranks), logged as they are."""
 
     def add(self, prompt, group, *row_values) -> None:
         self.prompts.append(prompt)
@@ -35,3 +37,35 @@ class Rollouts:
 
     def response_ids(self) -> list[list[int]]:
         return [list(c.token_ids) for g in self.groups for c in g]
+
+    def group_rows(self) -> list[int]:
+        """Rows of each group (the mini-batches take whole groups)."""
+        return [len(g) for g in self.groups]
+
+    def engine_logprobs(self) -> list[torch.Tensor]:
+        """Per row [R] the sampler's log-prob of each response token (vLLM's truncated IS)."""
+        return [torch.tensor(c.logprobs, dtype=torch.float32) for g in self.groups for c in g]
+
+    def sample(self) -> dict | None:
+        """One rollout for the samples log."""
+        if not self.groups:
+            return None
+        return {"prompt": self.prompts[0].text, "response": self.groups[0][0].text,
+                "reward": float(self.cat("rewards")[0]), "advantage": float(self.cat("adv")[0])}
+
+
+class PromptCollector:
+    """The single-turn collect phase: `Trainer.collect` (prompts -> G judged responses each). The data
+    position it consumes is saved by the trainer itself (PromptStream)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def collect(self, timer) -> Rollouts:
+        return self.trainer.collect(timer)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
