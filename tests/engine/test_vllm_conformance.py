@@ -81,8 +81,9 @@ def test_adapter_objects_build_with_the_real_classes():
     from vllm.outputs import CompletionOutput
 
     from wz_engine.rollout.base import SamplingParams
-    from wz_engine.rollout.vllm import VLLMSampler, _completion, _LoRAJudge, engine_kwargs, load_vllm_api
+    from wz_engine.rollout.vllm import VLLMSampler, _completion, engine_kwargs, load_vllm_api
     from wz_engine.rollout.vllm_config import VLLMConfig
+    from wz_engine.rollout.vllm_judge import LoRAJudge
 
     cfg = VLLMConfig(judge_mode="lora", judge_lora_path="/a", max_num_batched_tokens=1024)
     # LLM.__init__ forwards every keyword to EngineArgs (constructing one resolves the model: not here)
@@ -93,7 +94,7 @@ def test_adapter_objects_build_with_the_real_classes():
     sp = sampler._sampling_params(SamplingParams(max_new_tokens=5, n=2, seed=3, stop_token_ids=(7,),
                                                  return_logprobs=True), index=4)
     assert (sp.max_tokens, sp.n, sp.logprobs, list(sp.stop_token_ids)) == (5, 2, 0, [7])
-    req = _LoRAJudge(sampler).request
+    req = LoRAJudge(sampler).request
     assert (req.lora_name, req.lora_int_id, req.lora_path) == ("wz_judge_1", 1, "/a")
 
     positions = [{4: Logprob(-0.5, rank=1)}, {9: Logprob(-1.5, rank=3), 2: Logprob(-0.1, rank=1)}]

@@ -37,11 +37,9 @@ only, in a throwaway CPU venv: no engine was built, nothing here has run on a GP
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -71,7 +69,6 @@ VLLM_API: dict[str, tuple[str, ...]] = {
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-JUDGE_LORA_NAME = "wz_judge"
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ class VLLMSampler:
         self.sync_count = 0
         self._policy_specs: list[ParamSpec] | None = None
         self._source: ModuleWeightSource | None = None
-        self._judge: _JudgeState | None = None
+        self._judge = None  # the judge view (wz_engine.rollout.vllm_judge), built on first use
         if config.enable_sleep_mode:
             self.sleep()  # give the memory to the trainer until the first sync
 
@@ -245,10 +242,9 @@ class VLLMSampler:
         if mode == "self":
             return self
         if self._judge is None:
-            if mode == "lora":
-                self._judge = _LoRAJudge(self)
-            else:
-                self._judge = _SwapJudge(self)
+            from wz_engine.rollout.vllm_judge import LoRAJudge, SwapJudge
+
+            self._judge = LoRAJudge(self) if mode == "lora" else SwapJudge(self)
         return self._judge
 
     # ------------------------------------------------------------------ internals
@@ -322,136 +318,3 @@ def _completion(output, with_logprobs: bool, version: int) -> Completion:
         logprobs = [float(pos[tok].logprob) for tok, pos in zip(token_ids, output.logprobs)]
     return Completion(token_ids=token_ids, text=output.text, finish_reason=output.finish_reason,
                       logprobs=logprobs, weight_version=version)
-
-
-# ---------------------------------------------------------------------- judge modes
-
-
-class _JudgeState:
-    """A judge view of the sampler: generates with the judge's weights or adapter."""
-
-    def __init__(self, sampler: VLLMSampler):
-        self.sampler = sampler
-
-    @property
-    def weight_version(self) -> int:
-        return self.sampler.weight_version
-
-    def update_weights(self, model, version: int) -> None:
-        self.sampler.update_weights(model, version)
-
-    def sleep(self) -> None:
-        self.sampler.sleep()
-
-    def wake_up(self) -> None:
-        self.sampler.wake_up()
-
-    def on_weights_discarded(self) -> None:
-        pass
-
-
-class _LoRAJudge(_JudgeState):
-    """The judge is a LoRA adapter over the engine's (synced policy) base weights.
-
-    A level-2 sleep discards the engine's GPU memory; whether vLLM's adapter cache survives it is
-    not verified, so after one the adapter is re-registered under a fresh `lora_int_id` (vLLM then
-    loads it again from `judge_lora_path`, a few MB).
-    """
-
-    def __init__(self, sampler: VLLMSampler):
-        super().__init__(sampler)
-        self.lora_int_id = 1
-        self.request = self._make_request()
-
-    def _make_request(self):
-        return self.sampler.api.LoRARequest(lora_name=f"{JUDGE_LORA_NAME}_{self.lora_int_id}",
-                                            lora_int_id=self.lora_int_id,
-                                            lora_path=self.sampler.config.judge_lora_path)
-
-    def on_weights_discarded(self) -> None:
-        self.lora_int_id += 1
-        self.request = self._make_request()
-
-    def generate(self, prompt_ids, params: SamplingParams) -> list[list[Completion]]:
-        self.sampler._ready("policy")  # the adapter applies over the policy's base weights
-        return self.sampler._generate(prompt_ids, params, lora_request=self.request)
-
-
-def _read_config(path: str, what: str) -> dict:
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise ValueError(f"{what}: {path!r} has no config.json (swap mode needs local checkpoint directories)")
-    return json.loads(file.read_text())
-
-
-ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", "head_dim")
-
-
-def check_same_architecture(policy_config: dict, judge_config: dict) -> None:
-    """Raise ValueError naming every differing key (swap pushes the judge into the policy's engine)."""
-    diffs = [f"{k}: policy {policy_config.get(k)!r} vs judge {judge_config.get(k)!r}"
-             for k in ARCH_KEYS if policy_config.get(k) != judge_config.get(k)]
-    if diffs:
-        raise ValueError("judge_checkpoint: judge_mode='swap' needs the policy's architecture; " + "; ".join(diffs))
-
-
-def load_host_weights(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint directory, on the host."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"judge_checkpoint: no *.safetensors files in {path!r}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-class _SwapJudge(_JudgeState):
-    """The judge's own checkpoint (same architecture), kept packed in pinned host buckets and pushed
-    into the engine before judging; the next `update_weights` restores the policy."""
-
-    def __init__(self, sampler: VLLMSampler):
-        super().__init__(sampler)
-        cfg = sampler.config
-        check_same_architecture(_read_config(sampler.model_path, "model_path"),
-                                _read_config(cfg.judge_checkpoint, "judge_checkpoint"))
-        self.host = load_host_weights(cfg.judge_checkpoint)
-        self.packed = None  # built at the first swap, once the policy's parameter list is known
-        self.swaps = 0
-
-    @property
-    def weight_version(self) -> int:
-        return 0  # the judge checkpoint never changes
-
-    def _pack(self) -> None:
-        policy = self.sampler._policy_specs
-        if policy is None:
-            raise RuntimeError("judge generate: swap mode needs one update_weights first (it defines the layout)")
-        judge_names = set(self.host)
-        missing = [s.name for s in policy if s.name not in judge_names]
-        shapes = [s.name for s in policy if s.name in judge_names and tuple(self.host[s.name].shape) != s.shape]
-        if missing or shapes:
-            raise ValueError(f"judge_checkpoint: does not match the policy's parameters (missing {missing[:3]}, "
-                             f"shape mismatch {shapes[:3]})")
-        self.packed = self.sampler.syncer.pack_host(policy, self.host)
-        self.host = {}  # the packed buckets are the only copy kept
-
-    def generate(self, prompt_ids, params: SamplingParams) -> list[list[Completion]]:
-        s = self.sampler
-        if s.serving != "judge":
-            if self.packed is None:
-                self._pack()
-            s._wake(["weights"])
-            s.last_swap = s.syncer.push_packed(self.packed, s._load)
-            s.syncer.release()
-            s.llm.reset_prefix_cache()
-            s.serving = "judge"
-            s.weights_valid = True
-            s.weight_version = -1  # the policy is no longer in the engine
-            self.swaps += 1
-            s._wake(["kv_cache"])
-        s._ready("judge")
-        return s._generate(prompt_ids, params, lora_request=None, version=self.weight_version)
