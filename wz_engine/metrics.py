@@ -104,7 +104,8 @@ class MetricsLogger:
     scalars and W&B when enabled."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "wz-engine", config: dict | None = None, resume: bool = False):
+                 wandb_project: str = "wz-engine", config: dict | None = None, resume: bool = False,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.dir = Path(output_dir)
         self._tb = None
@@ -117,7 +118,10 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+                # resumed at step S: TensorBoard drops the events of steps > S that an interrupted run
+                # wrote after its checkpoint (they are logged again), as trim_logs does for the JSONL files
+                purge = resume_step + 1 if resume else None
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 log.info("tensorboard is not installed: skipping event files")
         if wandb:

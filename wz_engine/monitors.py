@@ -85,6 +85,13 @@ class ZeroSignalWatch:
     def from_config(cls, train_cfg) -> ZeroSignalWatch:
         return cls(train_cfg.zero_signal_threshold, train_cfg.zero_signal_steps, train_cfg.abort_on_zero_signal)
 
+    def state_dict(self) -> dict:
+        """The streaks, checkpointed: a resumed run warns (or aborts) at the same step as an uninterrupted one."""
+        return dict(self.streaks)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streaks.update({k: int(v) for k, v in state.items() if k in self.streaks})
+
     def observe(self, step: int, metrics: dict) -> None:
         """Feed one step's metrics (missing or NaN metrics break no streak and extend none)."""
         if self.steps <= 0:

@@ -115,6 +115,7 @@ class Trainer:
         self.collector = build_collector(self)  # the collect phase: prompts (self.collect) or env episodes
         self.step_idx = 0  # completed rollout steps
         self.optimizer_step = 0  # optimizer steps taken (or skipped as non-finite)
+        self.zero_signal = ZeroSignalWatch.from_config(cfg.train)
         self.last_updates: list = []  # the last rollout step's optimizer steps: (metrics, grad norm, lr, taken)
         self.checkpointed_step = -1  # the step of the newest checkpoint of this process's state
         self.nonfinite_in_a_row = 0
@@ -136,13 +137,15 @@ class Trainer:
                 if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
                     self.sampler.load_state_dict(state["sampler"])
                 self.collector.load_state_dict(state.get("collector", {}))
+                self.zero_signal.load_state_dict(state.get("zero_signal", {}))
                 self.checkpointed_step = self.step_idx
             if self.info.is_main:
                 rundir.trim_logs(self.out, self.step_idx)
                 log.info("resumed run %s from %s (step %d)", self.run.run_id, path, self.step_idx)
             chaos.point("resumed")
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard, cfg.logging.wandb,
-                                    cfg.logging.wandb_project, cfg.to_dict(), resume=resume)
+                                    cfg.logging.wandb_project, cfg.to_dict(), resume=resume,
+                                    resume_step=self.step_idx)
 
     def _warm_up_fsdp(self) -> None:
         """Run one tiny forward through each FSDP root so it initialises as the root before the sampler
@@ -347,6 +350,7 @@ class Trainer:
         if hasattr(self.sampler, "state_dict"):
             state["sampler"] = self.sampler.state_dict()
         state["collector"] = self.collector.state_dict()  # env runs: every env instance's own state (RNG)
+        state["zero_signal"] = self.zero_signal.state_dict()
         path = ckpt.save_checkpoint(self.out, self.step_idx, self.policy, self.optimizer, state, self.cfg.to_dict(),
                                     self.info.rank, keep=self.cfg.checkpoint.keep, run_id=self.run.run_id)
         self.checkpointed_step = self.step_idx
@@ -369,12 +373,11 @@ class Trainer:
 
             bar = tqdm(total=cfg.train.steps, initial=self.step_idx, desc="train", dynamic_ncols=True)
         last: dict = {}
-        zero_signal = ZeroSignalWatch.from_config(cfg.train)
         try:
             while self.step_idx < cfg.train.steps:
                 last = self.step()
                 self.logger.log(self.step_idx, last)
-                zero_signal.observe(self.step_idx, last)  # warns, or raises ZeroSignalError when configured
+                self.zero_signal.observe(self.step_idx, last)  # warns, or raises ZeroSignalError when configured
                 every = cfg.logging.samples_every
                 if every and self.step_idx % every == 0 and self.last_sample:
                     self.logger.log_sample(self.step_idx, self.last_sample)

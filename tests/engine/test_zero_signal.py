@@ -104,3 +104,14 @@ def test_all_invalid_judge_aborts_when_configured(tmp_path, capsys):
     assert "NO LEARNING SIGNAL at step 2" in err and "wz judge eval" in err
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # stopped right after the K-th step, its metrics kept
+
+
+def test_streaks_survive_resume(tmp_path, caplog):
+    """The streaks are checkpointed: 2 steps, then a resumed run to step 3 warns at step 3 (K = 3), as
+    the uninterrupted run would; a streak that restarted at 0 would not warn before step 5."""
+    base = [f'train.output_dir="{tmp_path}"', "train.zero_signal_steps=3", *INVALID_JUDGE]
+    Trainer(load_config(TINY, [*base, "train.steps=2"])).fit()
+    with caplog.at_level(logging.WARNING, logger="wz_engine"):
+        Trainer(load_config(TINY, [*base, "train.steps=3"]), resume=True).fit()
+    fired = [m for m in _warnings(caplog) if "NO LEARNING SIGNAL" in m]
+    assert len(fired) == 1 and "at step 3" in fired[0] and "for 3 steps in a row" in fired[0]

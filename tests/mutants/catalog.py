@@ -338,4 +338,13 @@ MUTANTS: list[Mutant] = [
            "reward = tr.reward - (env_cfg.invalid_penalty if invalid else 0.0)", "reward = tr.reward",
            "an invalid action costs nothing (env.invalid_penalty ignored)",
            ("tests/engine/test_multiturn.py",)),
+    # ------------------------------------------------------------------ resume: monitors and event files
+    Mutant("resume-zero-signal-streaks-restart", "wz_engine/trainer.py",
+           'self.zero_signal.load_state_dict(state.get("zero_signal", {}))', "pass",
+           "a resumed run forgets how many zero-signal steps came before (the warning comes K steps late)",
+           ("tests/engine/test_zero_signal.py::test_streaks_survive_resume",)),
+    Mutant("resume-tensorboard-purge-off-by-one", "wz_engine/metrics.py",
+           "purge = resume_step + 1 if resume else None", "purge = resume_step + 2 if resume else None",
+           "TensorBoard keeps the lost run's first step after the checkpoint beside the resumed one",
+           ("tests/engine/test_tensorboard_resume.py",)),
 ]
