@@ -35,7 +35,7 @@ FUNCTION_WORDS = [
     "we", "i", "it", "as", "through", "from", "into", "all", "so", "soft", "old", "slow", "bright",
 ]
 LEXICONS: dict[str, frozenset[str]] = {t: frozenset([t, *ws]) for t, ws in TOPICS.items()}
-"""Each topic's words: its name and its six associated words (a few are shared by two topics)."""
+"""Each topic's words: its name and its six associated words (no word belongs to two topics)."""
 TOPIC_WORDS = frozenset().union(*LEXICONS.values())
 VOCABULARY = frozenset(FUNCTION_WORDS) | TOPIC_WORDS
 _WORD = re.compile(r"[a-z]+")

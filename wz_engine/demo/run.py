@@ -106,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.judge:
-        from wz_engine.demo.judge_train import format_summary, run_judge_demo
+        from wz_engine.demo.judge_train import format_summary as format_judge_summary
+        from wz_engine.demo.judge_train import run_judge_demo
 
-        print("\n" + format_summary(run_judge_demo(args.overrides)))
+        print("\n" + format_judge_summary(run_judge_demo(args.overrides)))
         return 0
     s = run_demo(args.overrides, args.eval_samples)
     if s:
@@ -117,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def format_summary(s: dict) -> str:
+    from wz_engine.demo.judge import TOPICS
+
     t, i = s["trained"], s["initial"]
     return (f"\nheld-out prompts, trained vs initial policy:\n"
             f"  win rate        {s['win_rate']:.3f}  ({s['wins']} wins, {s['ties']} ties, {s['losses']} losses "
             f"over {s['comparisons']} comparisons, both orders)\n"
-            f"  on-topic rate   {i['on_topic_rate']:.3f} -> {t['on_topic_rate']:.3f}  (a topic word, and more "
-            f"of them than other topics' words)\n"
+            f"  on-topic rate   {i['on_topic_rate']:.3f} -> {t['on_topic_rate']:.3f}  (more words of the prompt's "
+            f"topic than of all others; output that ignores the prompt: <= 1/{len(TOPICS)} expected)\n"
             f"  truncated       {i['truncation_rate']:.3f} -> {t['truncation_rate']:.3f}  (hit max_new_tokens "
             f"= {s['max_new_tokens']}; mean length {i['length_mean']:.1f} -> {t['length_mean']:.1f} tokens)\n"
             f"  distinct greedy {i['distinct_greedy']} -> {t['distinct_greedy']}  (different greedy outputs over "
