@@ -1,7 +1,7 @@
 """Synthetic preference pairs with a checkable label: a tiny GenRM learns them by RL on CPU in minutes.
 
-Each prompt asks for writing about one of 12 topics (`PAIR_TOPICS`, its own list: the BRPO demo's judge
-has 6 topics with disjoint lexicons, and these pairs were measured with these 12). The chosen
+Each prompt asks for writing about one of 12 topics (`PAIR_TOPICS`: the BRPO demo's 6 and 6 more, as these
+pairs were measured; with the 6 alone, seed 2 did not learn them in 150 steps). The chosen
 response is a word of that topic's lexicon and a praising word (`POSITIVE`); the rejected one a word of
 another topic and a disparaging word (`NEGATIVE`), each in random order. `label_judge` is the rule as a
 programmatic judge: the labels' independent check, and the ceiling a judge can reach
@@ -19,15 +19,12 @@ import random
 import re
 from pathlib import Path
 
+from wz_engine.demo.judge import TOPICS
+
 PAIR_TOPICS: dict[str, list[str]] = {
-    "sea": ["wave", "salt", "shore", "tide", "boat", "blue"],
-    "forest": ["tree", "leaf", "moss", "green", "deer", "shade"],
-    "city": ["street", "light", "crowd", "tower", "noise", "car"],
-    "winter": ["snow", "cold", "ice", "white", "frost", "fire"],
-    "night": ["moon", "star", "dark", "dream", "owl", "sleep"],
+    **TOPICS,  # the BRPO demo's six, and six more:
     "garden": ["rose", "seed", "bee", "soil", "bloom", "rain"],
     "mountain": ["peak", "rock", "climb", "stone", "high", "wind"],
-    "desert": ["sand", "sun", "dry", "dune", "heat", "gold"],
     "river": ["water", "fish", "flow", "bank", "bridge", "reed"],
     "kitchen": ["bread", "salt", "pot", "warm", "spoon", "soup"],
     "train": ["track", "steam", "seat", "ride", "whistle", "station"],
