@@ -11,7 +11,8 @@ USAGE = """usage: wz COMMAND [ARGS]   (wz COMMAND --help for its options)
 commands:
   train CONFIG [--set k=v ...] [--resume | --overwrite]
                                             train (same as python -m wz_engine.train; use torchrun for >1 GPU)
-  demo [--judge] [--set k=v ...]            train a tiny model with BRPO on CPU and report its win rate
+  demo [--judge] [--set k=v ...]            teach a tiny base model to follow the prompt with BRPO on CPU;
+                                            report win, on-topic and truncation rates vs the base
                                             (--judge: train a tiny GenRM on preference pairs instead)
   demo --agent [--set k=v ...]              train a tiny agent with GiGPO (vs GRPO) on a gridworld, on CPU
   export RUN_DIR OUT_DIR [--force]          export the newest checkpoint that verifies as HF safetensors

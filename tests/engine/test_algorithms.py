@@ -107,7 +107,8 @@ def test_toy_estimator_and_loss_from_outside_train_two_steps(tmp_path, toy_modul
         lps = [_response_logprobs(initial, p, r) for p, r in zip(got.prompt_ids(), got.response_ids())]
     tokens = sum(len(lp) for lp in lps)
     want_loss = -sum(float(a) * float(lp.sum()) for a, lp in zip(adv, lps)) / tokens
-    assert abs(want_loss) > 1e-3 and rows[0]["loss"] == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    # (the centred ranks' terms partly cancel: the loss is small, but far above float32 rounding)
+    assert abs(want_loss) > 1e-5 and rows[0]["loss"] == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
     assert rows[0]["toy_logp_mean"] == pytest.approx(float(torch.cat(lps).mean()), rel=1e-5)
     assert all(r["toy_logp_mean"] < 0 for r in rows) and "clip_frac_low" not in rows[0]
     changed = [not torch.equal(a, b) for a, b in zip(initial.parameters(), trainer.policy.model.parameters())]

@@ -14,8 +14,29 @@ FOREST = "Describe the forest in a few words."
 
 
 def test_topic_counts_by_hand():
-    assert topic_counts(SEA, ["the", "wave", "wave", "tide", "tree", "salt"]) == (4, 3, 1)  # salt: sea and kitchen
+    assert topic_counts(SEA, ["the", "wave", "wave", "tide", "tree", "salt"]) == (4, 3, 1)
     assert topic_counts("Write about nothing.", ["wave", "tree"]) == (0, 0, 2)  # no topic: every lexicon word is off
+
+
+def test_lexicons_are_disjoint():
+    """Every topic word belongs to one topic, so "on topic" never depends on which topic a word is counted for."""
+    words = [w for lexicon in LEXICONS.values() for w in lexicon]
+    assert len(words) == len(set(words))
+
+
+@pytest.mark.parametrize("response, points", [
+    ("the blue wave on the shore", 6 * 1 * 1),  # 2 distinct sea words, nothing else
+    ("the blue wave", 6 * 1 * 1),
+    ("the wave", 6 * 0.5 * 1),  # one distinct sea word: half the recall
+    ("the blue wave by the tree", 6 * 1 * (2 - 1) / 3),  # purity (2 - 1) / 3
+    ("the wave and the tree", 0.0),  # as many other-topic words as sea words: no topic points
+    ("the soft old", 0.0),
+])
+def test_topic_points_by_hand(response, points):
+    """writing_score minus the surface points (real words, length, variety computed by hand) = topic points."""
+    words = response.split()
+    surface = 2 * 1 + (1 if 4 <= len(words) <= 10 else len(words) / 4) + len(set(words)) / len(words)
+    assert writing_score(SEA, response) - surface == pytest.approx(points)
 
 
 @pytest.mark.parametrize("response, on_topic", [
@@ -37,6 +58,15 @@ def test_on_topic_decides_and_the_same_answer_everywhere_does_not_pay():
         assert s_right > s_wrong + 4  # the same surface quality: the topic alone decides, by far
         assert writing_score(prompt, right) > writing_score(prompt, every_topic) + 4
         assert not is_on_topic(prompt, every_topic)
+
+
+def test_verdicts_are_whole_points():
+    """Like a generative judge's "Scores: A=7, B=4": rounded half up, so a small surface difference ties."""
+    a, b = "the blue wave on the shore", "the blue wave on the shore shore"  # one repeated word
+    assert writing_score(SEA, a) != writing_score(SEA, b)
+    sa, sb = writing_judge(SEA, a, b)
+    assert (sa, sb) == (10, 10) and all(isinstance(x, int) for x in (sa, sb))
+    assert writing_score(SEA, "the wave") == 6.5 and writing_judge(SEA, "the wave", "") == (7, 0)  # half up
 
 
 def test_punctuation_padding_and_gibberish_cost():

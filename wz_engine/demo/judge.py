@@ -1,11 +1,13 @@
 """A programmatic pairwise writing judge for the CPU demo: learnable preferences, no model.
 
 `writing_judge(prompt, response_a, response_b) -> (score_a, score_b)` scores each response in
-[0, 10]. Being on topic is decisive, so the only way to score well is to read the prompt:
-- on topic (6 pts): recall x precision over the topic lexicons. Recall: distinct words of the
-  prompt topic's lexicon (2 of them earn it all). Precision: those words' share of all lexicon
-  words in the response, so words of other topics cost points and a fixed text that names every
-  topic (the same answer to every prompt) earns little,
+whole points from 0 to 10, as a generative judge writes its verdict. Being on topic is decisive, so the
+only way to score well is to read the prompt:
+- on topic (6 pts): recall x purity over the topic lexicons. Recall: distinct words of the prompt
+  topic's lexicon (2 of them earn it all). Purity: (words of the prompt topic - words of other
+  topics) / all topic words, floored at 0, so a text that mixes in as many other topics' words as
+  the prompt topic's earns none of it (and a fixed text naming every topic, the same answer to every
+  prompt, earns nothing),
 - real words (2 pts): share of words that are English words of the demo vocabulary, gibberish and
   stray punctuation counted against it,
 - length (1 pt): 4-10 words earns all, fewer or more lose points linearly (0 at 0 and 20 words),
@@ -17,6 +19,7 @@ The pairwise form is what BRPO consumes; it is symmetric, so it has no position 
 
 from __future__ import annotations
 
+import math
 import re
 
 TOPICS: dict[str, list[str]] = {
@@ -25,20 +28,14 @@ TOPICS: dict[str, list[str]] = {
     "city": ["street", "light", "crowd", "tower", "noise", "car"],
     "winter": ["snow", "cold", "ice", "white", "frost", "fire"],
     "night": ["moon", "star", "dark", "dream", "owl", "sleep"],
-    "garden": ["rose", "seed", "bee", "soil", "bloom", "rain"],
-    "mountain": ["peak", "rock", "climb", "stone", "high", "wind"],
     "desert": ["sand", "sun", "dry", "dune", "heat", "gold"],
-    "river": ["water", "fish", "flow", "bank", "bridge", "reed"],
-    "kitchen": ["bread", "salt", "pot", "warm", "spoon", "soup"],
-    "train": ["track", "steam", "seat", "ride", "whistle", "station"],
-    "storm": ["thunder", "cloud", "rain", "wind", "grey", "flash"],
 }
 FUNCTION_WORDS = [
     "the", "a", "and", "of", "in", "on", "with", "is", "was", "by", "under", "over", "its", "my",
     "we", "i", "it", "as", "through", "from", "into", "all", "so", "soft", "old", "slow", "bright",
 ]
 LEXICONS: dict[str, frozenset[str]] = {t: frozenset([t, *ws]) for t, ws in TOPICS.items()}
-"""Each topic's words: its name and its six associated words (a few are shared by two topics)."""
+"""Each topic's words: its name and its six associated words (no word belongs to two topics)."""
 TOPIC_WORDS = frozenset().union(*LEXICONS.values())
 VOCABULARY = frozenset(FUNCTION_WORDS) | TOPIC_WORDS
 _WORD = re.compile(r"[a-z]+")
@@ -69,7 +66,7 @@ def is_on_topic(prompt: str, response: str) -> bool:
 
 
 def writing_score(prompt: str, response: str) -> float:
-    """Score one response to `prompt` in [0, 10] (see the module docstring)."""
+    """Score one response to `prompt` in [0, 10], unrounded (see the module docstring)."""
     words = _WORD.findall(response.lower())
     # Any other character is gibberish: bytes the tokenizer knows but words do not, and punctuation
     # beyond one mark right after a word (a run of dots would pad the length for free).
@@ -77,7 +74,7 @@ def writing_score(prompt: str, response: str) -> float:
     if not words:
         return 0.0
     on, distinct_on, off = topic_counts(prompt, words)
-    on_topic = min(distinct_on, 2) / 2 * (on / (on + off) if on else 0.0)
+    on_topic = min(distinct_on, 2) / 2 * (max(on - off, 0) / (on + off) if on else 0.0)
     real = sum(w in VOCABULARY for w in words) / (len(words) + junk)
     n = len(words)
     length = 1.0 if 4 <= n <= 10 else n / 4 if n < 4 else max(0.0, 1 - (n - 10) / 10)
@@ -85,8 +82,13 @@ def writing_score(prompt: str, response: str) -> float:
     return 6 * on_topic + 2 * real + 1 * length + 1 * varied
 
 
-def writing_judge(prompt: str, response_a: str, response_b: str) -> tuple[float, float]:
-    return writing_score(prompt, response_a), writing_score(prompt, response_b)
+def writing_judge(prompt: str, response_a: str, response_b: str) -> tuple[int, int]:
+    """Both scores rounded to whole points, as a generative judge writes them ("Scores: A=7, B=4")."""
+    return _whole(writing_score(prompt, response_a)), _whole(writing_score(prompt, response_b))
+
+
+def _whole(score: float) -> int:
+    return math.floor(score + 0.5)
 
 
 def corpus() -> list[str]:
