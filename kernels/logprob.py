@@ -751,7 +751,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-                temperature, ignore_index, plan, use_triton, loss_cfg, with_entropy):
+                temperature, ignore_index, plan, use_triton, loss_cfg, with_entropy, with_logprobs):
         from .policy_loss import STAT_NAMES, token_loss_terms
 
         chunks = _Chunks(hidden, weight, bias, plan)
@@ -761,6 +761,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         totals = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=hidden.device)
         N = hidden.shape[0]
         entropy = torch.zeros(N, dtype=plan.out_dtype, device=hidden.device) if with_entropy else None
+        logprobs = torch.zeros(N, dtype=plan.out_dtype, device=hidden.device) if with_logprobs else None
 
         # the torch path leaves p in the tile (no copy, no recompute); the Triton path reads the tile
         # twice (its forward epilogue does not write it)
@@ -775,6 +776,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 lp, en, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, with_entropy, use_triton, False)
             if with_entropy:
                 entropy[s:e] = en
+            if with_logprobs:
+                logprobs[s:e] = lp
             ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
             # on-policy: old = this chunk's own logprobs (a plain tensor here: no graph to detach)
             old_c = lp if old_logprobs is None else old_logprobs[s:e]
@@ -803,18 +806,19 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 chunk_terms(s, e)
             grads = (None, None, None)
         ctx.grads = grads
-        if entropy is None:
-            entropy = torch.zeros(0, dtype=plan.out_dtype, device=hidden.device)
-        ctx.mark_non_differentiable(totals, entropy)
+        empty = torch.zeros(0, dtype=plan.out_dtype, device=hidden.device)
+        entropy = empty if entropy is None else entropy
+        logprobs = empty if logprobs is None else logprobs
+        ctx.mark_non_differentiable(totals, entropy, logprobs)
         loss = totals[STAT_NAMES.index("loss")].clone()
-        return loss, totals, entropy
+        return loss, totals, entropy, logprobs
 
     @staticmethod
-    def backward(ctx, g_loss, _g_totals, _g_entropy):
+    def backward(ctx, g_loss, _g_totals, _g_entropy, _g_logprobs):
         # in place: the gradients are ours alone (a fresh [V, H] product would add a second d weight)
         d_hidden, d_weight, d_bias = (None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return (d_hidden, d_weight, d_bias) + (None,) * 12
+        return (d_hidden, d_weight, d_bias) + (None,) * 13
 
 
 def fused_linear_policy_loss(
@@ -851,6 +855,7 @@ def fused_linear_policy_loss(
     vespo_gamma: tuple[float, float, float, float] = VESPO_GAMMA,
     kl_importance_weighted: bool = False,
     off_policy_mask_threshold: float | None = None,
+    return_logprobs: bool = False,
 ):
     """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
 
@@ -897,10 +902,11 @@ def fused_linear_policy_loss(
         impl, chunk_size, grad_accum_dtype: as in `fused_linear_logprobs`.
         return_entropy: also return each token's entropy [N] (float32, no gradient; 0 at ignored
             positions), computed from the same tiles (what the trainer logs when it skips the old pass).
+        return_logprobs: also return each token's log-probability [N] (float32, detached), for metrics.
 
     Returns:
         (loss 0-d float32, metrics dict of 0-d float32 tensors: see `policy_loss`), plus entropy [N]
-        float32 when `return_entropy`.
+        float32 when `return_entropy`, plus logprobs [N] when `return_logprobs` (in that order).
     """
     from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
 
@@ -926,7 +932,7 @@ def fused_linear_policy_loss(
                        **soft}
         return _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask,
                                       top_entropy_quantile, off_policy_mask_threshold, return_entropy,
-                                      logprob_kwargs, loss_kwargs)
+                                      return_logprobs, logprob_kwargs, loss_kwargs)
     _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index,
                   host_check_targets=not _kernel_checks_targets(impl, hidden))
     N = hidden.shape[0]
@@ -946,16 +952,17 @@ def fused_linear_policy_loss(
         "kl_estimator": kl_estimator, "loss_type": loss_type,
         "delta": None if delta is None else float(delta), **soft,
     }
-    loss, totals, entropy = _FusedLinearPolicyLoss.apply(
+    loss, totals, entropy, logprobs = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-        float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy),
+        float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy), bool(return_logprobs),
     )
     metrics = metrics_from_stats(dict(zip(STAT_NAMES, totals.unbind(0))))
-    return (loss, metrics, entropy) if return_entropy else (loss, metrics)
+    return (loss, metrics) + ((entropy,) if return_entropy else ()) + ((logprobs,) if return_logprobs else ())
 
 
 def _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, top_entropy_quantile,
-                           off_policy_mask_threshold, return_entropy, logprob_kwargs, loss_kwargs):
+                           off_policy_mask_threshold, return_entropy, return_logprobs, logprob_kwargs,
+                           loss_kwargs):
     """`fused_linear_policy_loss` where tokens depend on each other (see its docstring): the log-probs
     (+ entropy) of every token first, then the loss on [N] vectors; autograd recomputes the tiles."""
     from .policy_loss import high_entropy_mask, off_policy_sequence_mask, policy_loss
@@ -972,4 +979,5 @@ def _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
                                         off_policy_mask_threshold)
         policy_mask = keep if policy_mask is None else policy_mask & keep
     loss, metrics = policy_loss(logprobs, old, advantages, mask, policy_mask=policy_mask, **loss_kwargs)
-    return (loss, metrics, entropy.detach()) if return_entropy else (loss, metrics)
+    return ((loss, metrics) + ((entropy.detach(),) if return_entropy else ())
+            + ((logprobs.detach().float(),) if return_logprobs else ()))

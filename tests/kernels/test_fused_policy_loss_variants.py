@@ -48,7 +48,7 @@ def oracle64(hidden, weight, bias, targets, old, extra, cfg, T):
         policy_mask = policy_mask & off_policy_sequence_mask(adv64, lp, old64, mask, kw["seq_ids"], threshold)
     loss, metrics = policy_loss(lp, old64, adv64, mask, impl="reference", policy_mask=policy_mask, **kw)
     loss.backward()
-    return loss.detach(), metrics, [t.grad for t in leaves], ent.detach()
+    return loss.detach(), metrics, [t.grad for t in leaves], ent.detach(), lp.detach()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -68,12 +68,12 @@ def test_matches_float64_oracle_and_composition(impl, on_policy, cfg):
 
     kw = dict(extra, **cfg)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    loss, metrics, entropy = fused_linear_policy_loss(
+    loss, metrics, entropy, logprobs = fused_linear_policy_loss(
         leaves[0], leaves[1], targets, old, kw.pop("advantages"), kw.pop("mask"), bias=leaves[2], temperature=T,
-        impl=impl, chunk_size=8, return_entropy=True, **kw)
+        impl=impl, chunk_size=8, return_entropy=True, return_logprobs=True, **kw)
     (2.0 * loss).backward()
 
-    loss64, metrics64, grads64, entropy64 = oracle64(hidden, weight, bias, targets, old, extra, cfg, T)
+    loss64, metrics64, grads64, entropy64, logprobs64 = oracle64(hidden, weight, bias, targets, old, extra, cfg, T)
     assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5, name="loss")
     for k in metrics64:
         assert_close_to_reference(metrics[k], metrics64[k], atol=1e-6, rtol=1e-5, name=f"metric {k}")
@@ -81,6 +81,8 @@ def test_matches_float64_oracle_and_composition(impl, on_policy, cfg):
         assert_close_to_reference(leaf.grad, 2.0 * g64, atol=2e-6, rtol=1e-4, name=name)
     assert not entropy.requires_grad
     assert_close_to_reference(entropy, entropy64, atol=1e-5, rtol=1e-5, name="entropy")
+    assert not logprobs.requires_grad
+    assert_close_to_reference(logprobs, logprobs64, atol=1e-5, rtol=1e-5, name="logprobs")
     if "off_policy_mask_threshold" in cfg and not on_policy:  # some but not all sequences dropped
         keep = off_policy_sequence_mask(extra["advantages"], fused_linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=T), old, extra["mask"], extra["seq_ids"], 0.02)
