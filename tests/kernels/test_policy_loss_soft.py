@@ -172,6 +172,20 @@ def test_hand_computed_sapo_and_vespo(impl):
     assert metrics["ratio_mean"].item() == pytest.approx(2.0, rel=1e-6)  # exp(W)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vespo_clamps_each_token_before_the_sum(impl):
+    """Log-ratios 25, -12, -12.5 in one sequence: W = (20 - 12 - 12.5) = -4.5 (TRL clamps each token first;
+    the raw sum, 0.5, would weigh the sequence ~160x more). A = 1: phi = exp(3 + 2 W - 3 e^W)."""
+    logp = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)
+    old = logp - torch.tensor([25.0, -12.0, -12.5], dtype=torch.float64)
+    b = {"logp": logp, "old": old, "ref": logp, "adv": torch.ones(3, dtype=torch.float64),
+         "mask": torch.ones(3, dtype=torch.bool), "seq": torch.zeros(3, dtype=torch.long)}
+    phi = math.exp(3 + 2 * -4.5 - 3 * math.exp(-4.5))
+    loss, grad, _ = run(impl, b, loss_type="vespo", kl_coef=0.0, ref_logprobs=None)
+    assert loss.item() == pytest.approx(-phi * (-1.0 - 2.0 - 3.0) / 3, rel=1e-5)
+    assert torch.allclose(grad.double(), torch.full((3,), -phi / 3, dtype=torch.float64), rtol=1e-5)
+
+
 def test_gamma_weight_is_one_at_ratio_one_and_zero_when_not_finite():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     log_w = torch.tensor([0.0, 0.0, 20.0, math.log(1e-8)], dtype=torch.float64)
