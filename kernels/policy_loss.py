@@ -875,7 +875,9 @@ if triton is not None:
 # The loss variants (2026-11-30, the same compile of bench/audit's policy-loss cases plus these): cispo
 # 56-64 registers, sequence / sequence_token 64-72, policy_mask 61, k3+ 72 (was 77): 7-9 blocks per SM,
 # no spills; two-sided clip (delta) 72-75 and sequence + delta + dual + policy_mask 79: 6 blocks per SM
-# there, so one program in seven waits for a slot in those (non-default) configurations only.
+# there, so one program in seven waits for a slot in those (non-default) configurations only. SAPO 61 (sequence
+# level, importance-weighted KL, policy mask: 64), VESPO 56, the importance-weighted KL 68-72: 7-9 blocks per
+# SM, no spills (`python -m bench audit`, 2026-11-30).
 _CUDA_BLOCK, _CUDA_WARPS, _CUDA_BLOCKS_PER_SM = 512, 4, 7
 
 
