@@ -261,3 +261,26 @@ def test_cuda_kernel_soft_variants_match_float64_reference(variant):
     assert_close_to_reference(grad.cpu(), grad64, atol=1e-9, rtol=1e-4, name="grad")
     for k in metrics:
         assert_close_to_reference(metrics[k].cpu(), metrics64[k], atol=1e-6, rtol=1e-4, name=k)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_type", ["sapo", "vespo"])
+def test_torch_compile_fullgraph(impl, loss_type):
+    """Dynamo traces the soft variants (custom op + fake with the new list / bool arguments) without a break."""
+    torch._dynamo.reset()
+    b = make_batch(50, 4, seed=29)
+    f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in b.items()}
+    cfg = {"loss_type": loss_type, "sapo_temperatures": SAPO_T, "vespo_gamma": GAMMA, "kl_coef": 0.1,
+           "kl_importance_weighted": loss_type == "sapo"}
+
+    def step(logp):
+        loss, metrics = policy_loss(logp, f32["old"], f32["adv"], b["mask"], ref_logprobs=f32["ref"],
+                                    seq_ids=b["seq"], impl=impl, **cfg)
+        return loss, metrics["ratio_mean"]
+
+    logp = f32["logp"].clone().requires_grad_(True)
+    loss, _ = torch.compile(step, backend="aot_eager", fullgraph=True)(logp)
+    loss.backward()
+    loss64, grad64, _ = run("ref64", b, dtype=torch.float64, **cfg)
+    assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5)
+    assert_close_to_reference(logp.grad, grad64, atol=1e-7, rtol=1e-5)
