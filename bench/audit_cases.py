@@ -130,7 +130,7 @@ POLICY_TOKENS = 1 << 24
 
 def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_weight: bool,
                      loss_type: str = "ppo", level: str = "token", delta: float | None = None,
-                     policy_mask: bool = False):
+                     policy_mask: bool = False, kl_importance_weighted: bool = False):
     policy_loss = importlib.import_module("wz_kernels.policy_loss")  # the module (wz_kernels re-exports same-named functions)
 
     def run():
@@ -139,26 +139,27 @@ def _policy_loss_run(kl_estimator: str | None, dual_clip: float | None, scalar_w
         ref = None if kl_estimator is None else _empty(n)
         weights = _empty(()) if scalar_weight else _empty(n)
         pmask = _empty(n, dtype=torch.bool) if policy_mask else None
-        if level == "token":
+        if level == "token" and loss_type != "vespo":
             policy_loss._policy_loss_terms_triton(
                 logp, old, adv, _empty(n, dtype=torch.bool), weights, ref, 0.2, 0.28, dual_clip,
                 0.0 if kl_estimator is None else 0.05, kl_estimator or "k3", loss_type=loss_type, delta=delta,
-                policy_mask=pmask)
+                policy_mask=pmask, kl_importance_weighted=kl_importance_weighted)
             return
-        # Sequence levels: the launcher's O(N) torch segment sums cannot run on fake tensors, so the kernel is
-        # launched as the launcher launches it (its launch config, its constexprs), with the per-token
+        # Sequence levels and vespo: the launcher's O(N) torch segment sums cannot run on fake tensors, so the
+        # kernel is launched as the launcher launches it (its launch config, its constexprs), with the per-token
         # sequence log-ratio and the d loss / d log_w output as plain [N] float32 tensors.
         block, programs, warps = policy_loss._launch_config(n, torch.device("cuda"))
-        cispo = loss_type == "cispo"
+        detached = loss_type in ("cispo", "vespo") and not kl_importance_weighted
         policy_loss._policy_loss_fwd_bwd_kernel[(programs,)](
             logp, old, adv, logp if ref is None else ref, _empty(n, dtype=torch.uint8), weights, _empty(n),
             logp if pmask is None else pmask.view(torch.uint8), _empty(n), _empty(n),
             _empty(programs, len(policy_loss.STAT_NAMES)), n, -(-n // block), 0.8, 1.28,
-            0.0 if dual_clip is None else dual_clip, 0.05, 0.0 if delta is None else delta,
+            0.0 if dual_clip is None else dual_clip, 0.05, 0.0 if delta is None else delta, 2.0, 3.0, 3.0, 2.0,
             HAS_DUAL=dual_clip is not None, W_IS_SCALE=scalar_weight,
-            KL_KIND=policy_loss._KL_KIND[kl_estimator], CISPO=cispo,
-            IS_LEVEL=2 if cispo or level == "sequence_token" else 1, HAS_DELTA=delta is not None,
-            HAS_PMASK=policy_mask, NUM_STATS=len(policy_loss.STAT_NAMES), BLOCK=block, num_warps=warps)
+            KL_KIND=policy_loss._KL_KIND[kl_estimator], LOSS_KIND=policy_loss.LOSS_TYPES.index(loss_type),
+            KL_IW=kl_importance_weighted, IS_LEVEL=2 if detached or level == "sequence_token" else 1,
+            HAS_DELTA=delta is not None, HAS_PMASK=policy_mask, NUM_STATS=len(policy_loss.STAT_NAMES),
+            BLOCK=block, num_warps=warps)
 
     return run
 
@@ -173,8 +174,8 @@ def policy_loss_cases() -> list[AuditCase]:
                   f"{' scalar-weight' if scalar else ''}", torch.float32, _policy_loss_run(kl, dual, scalar), True)
         for kl, dual, scalar in variants
     ]
-    # the loss variants (GSPO, GSPO-token, CISPO, two-sided clip, top-entropy policy mask), as the trainer and
-    # the TRL / verl wrappers launch them
+    # the loss variants (GSPO, GSPO-token, CISPO, SAPO, VESPO, two-sided clip, top-entropy policy mask, the
+    # importance-weighted KL), as the trainer and the TRL / verl wrappers launch them
     loss_variants = [
         ("delta", ("k3", None, True), {"delta": 1.5}),
         ("delta dual", ("k3", 3.0, False), {"delta": 1.5}),
@@ -186,6 +187,13 @@ def policy_loss_cases() -> list[AuditCase]:
          {"level": "sequence", "delta": 1.5, "policy_mask": True}),
         ("sequence_token", ("k3+", None, True), {"level": "sequence_token"}),
         ("policy-mask", (None, None, True), {"policy_mask": True}),
+        ("sapo", ("k3", None, True), {"loss_type": "sapo"}),
+        ("sapo sequence kl-weighted policy-mask", ("k3", None, False),
+         {"loss_type": "sapo", "level": "sequence", "kl_importance_weighted": True, "policy_mask": True}),
+        ("vespo", ("k3", None, True), {"loss_type": "vespo"}),
+        ("kl-weighted", ("k3", None, True), {"kl_importance_weighted": True}),
+        ("cispo sequence kl-weighted", ("k2", None, False),
+         {"loss_type": "cispo", "level": "sequence", "kl_importance_weighted": True}),
     ]
     cases += [AuditCase("policy_loss", f"N=2^24 {label} kl={args[0] or 'none'}", torch.float32,
                         _policy_loss_run(*args, **kwargs), True) for label, args, kwargs in loss_variants]

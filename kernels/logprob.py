@@ -93,6 +93,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import check_tensor, interpreting, next_power_of_2, resolve_impl, triton_available
+from .policy_loss import SAPO_TEMPERATURES, VESPO_GAMMA
 
 OP = "fused_linear_logprobs"
 OP_LOSS = "fused_linear_policy_loss"
@@ -750,7 +751,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-                temperature, ignore_index, plan, use_triton, loss_cfg, with_entropy):
+                temperature, ignore_index, plan, use_triton, loss_cfg, with_entropy, with_logprobs):
         from .policy_loss import STAT_NAMES, token_loss_terms
 
         chunks = _Chunks(hidden, weight, bias, plan)
@@ -760,6 +761,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         totals = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=hidden.device)
         N = hidden.shape[0]
         entropy = torch.zeros(N, dtype=plan.out_dtype, device=hidden.device) if with_entropy else None
+        logprobs = torch.zeros(N, dtype=plan.out_dtype, device=hidden.device) if with_logprobs else None
 
         # the torch path leaves p in the tile (no copy, no recompute); the Triton path reads the tile
         # twice (its forward epilogue does not write it)
@@ -774,6 +776,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 lp, en, lse = _tile_fwd(logits, t_c, inv_t, ignore_index, with_entropy, use_triton, False)
             if with_entropy:
                 entropy[s:e] = en
+            if with_logprobs:
+                logprobs[s:e] = lp
             ref_c = None if ref_logprobs is None else ref_logprobs[s:e]
             # on-policy: old = this chunk's own logprobs (a plain tensor here: no graph to detach)
             old_c = lp if old_logprobs is None else old_logprobs[s:e]
@@ -802,18 +806,19 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 chunk_terms(s, e)
             grads = (None, None, None)
         ctx.grads = grads
-        if entropy is None:
-            entropy = torch.zeros(0, dtype=plan.out_dtype, device=hidden.device)
-        ctx.mark_non_differentiable(totals, entropy)
+        empty = torch.zeros(0, dtype=plan.out_dtype, device=hidden.device)
+        entropy = empty if entropy is None else entropy
+        logprobs = empty if logprobs is None else logprobs
+        ctx.mark_non_differentiable(totals, entropy, logprobs)
         loss = totals[STAT_NAMES.index("loss")].clone()
-        return loss, totals, entropy
+        return loss, totals, entropy, logprobs
 
     @staticmethod
-    def backward(ctx, g_loss, _g_totals, _g_entropy):
+    def backward(ctx, g_loss, _g_totals, _g_entropy, _g_logprobs):
         # in place: the gradients are ours alone (a fresh [V, H] product would add a second d weight)
         d_hidden, d_weight, d_bias = (None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
-        return (d_hidden, d_weight, d_bias) + (None,) * 12
+        return (d_hidden, d_weight, d_bias) + (None,) * 13
 
 
 def fused_linear_policy_loss(
@@ -846,6 +851,11 @@ def fused_linear_policy_loss(
     importance_sampling_level: str = "token",
     delta: float | None = None,
     top_entropy_quantile: float = 1.0,
+    sapo_temperatures: tuple[float, float] = SAPO_TEMPERATURES,
+    vespo_gamma: tuple[float, float, float, float] = VESPO_GAMMA,
+    kl_importance_weighted: bool = False,
+    off_policy_mask_threshold: float | None = None,
+    return_logprobs: bool = False,
 ):
     """Policy loss of the tokens' log-probabilities, with the lm_head fused in: never forms [N, V].
 
@@ -866,10 +876,12 @@ def fused_linear_policy_loss(
     on them (one update per rollout batch) and nothing else needs the old log-probabilities.
 
     Two sweeps instead of one where a token's loss needs other tokens first: importance_sampling_level
-    "sequence" / "sequence_token" (GSPO: the sequence's mean log-ratio) and top_entropy_quantile < 1
-    (the entropy quantile of all the call's tokens). Then it is exactly
+    "sequence" / "sequence_token" (GSPO: the sequence's mean log-ratio), loss_type "vespo" (its summed
+    sequence log-ratio), top_entropy_quantile < 1 (the entropy quantile of all the call's tokens) and
+    off_policy_mask_threshold (each sequence's mean KL). Then it is exactly
         lp, ent = fused_linear_logprobs(..., return_entropy=True)
-        policy_loss(lp, old_logprobs or lp.detach(), ..., policy_mask=high_entropy_mask(ent, mask, q))
+        policy_loss(lp, old_logprobs or lp.detach(), ..., policy_mask=high_entropy_mask(ent, mask, q)
+                    * off_policy_sequence_mask(advantages, lp, old_logprobs, mask, seq_ids, threshold))
     (forward 2NHV flops, backward recomputes the tiles: 8NHV in all, the same as one pass + recompute).
     The call must then hold whole sequences (the trainer never splits one across micro-batches).
 
@@ -879,34 +891,48 @@ def fused_linear_policy_loss(
         old_logprobs: [N] float (behaviour policy), or None for the on-policy fast path above.
         advantages [N] float; mask [N] bool/int/float; ref_logprobs [N] | None;
         seq_ids [N] int | None; clip_low, clip_high, dual_clip, kl_coef, kl_estimator, agg,
-        loss_scale, global_tokens, global_seqs, loss_type, importance_sampling_level, delta: as in
-        `wz_kernels.policy_loss`.
+        loss_scale, global_tokens, global_seqs, loss_type, importance_sampling_level, delta,
+        sapo_temperatures, vespo_gamma, kl_importance_weighted: as in `wz_kernels.policy_loss`.
         top_entropy_quantile: keep the policy term of only the tokens in this top quantile of entropy
             (`wz_kernels.policy_loss.high_entropy_mask` over this call's masked tokens; 1.0: all). The KL
             term and the aggregation still count every masked token, as TRL does.
+        off_policy_mask_threshold: drop the policy term of the sequences with A < 0 whose mean
+            (old_logprobs - logprobs) exceeds it (DeepSeek-V3.2's off-policy sequence mask, TRL's option of
+            that name; `wz_kernels.policy_loss.off_policy_sequence_mask`); None: off. Needs seq_ids.
         impl, chunk_size, grad_accum_dtype: as in `fused_linear_logprobs`.
         return_entropy: also return each token's entropy [N] (float32, no gradient; 0 at ignored
             positions), computed from the same tiles (what the trainer logs when it skips the old pass).
+        return_logprobs: also return each token's log-probability [N] (float32, detached), for metrics.
 
     Returns:
         (loss 0-d float32, metrics dict of 0-d float32 tensors: see `policy_loss`), plus entropy [N]
-        float32 when `return_entropy`.
+        float32 when `return_entropy`, plus logprobs [N] when `return_logprobs` (in that order).
     """
     from .policy_loss import STAT_NAMES, aggregation_weights, metrics_from_stats
 
     if not isinstance(top_entropy_quantile, (int, float)) or not 0.0 <= top_entropy_quantile <= 1.0:
         raise ValueError(f"{OP_LOSS}: top_entropy_quantile must be a number in [0, 1], "
                          f"got {top_entropy_quantile!r}")
-    if importance_sampling_level != "token" or top_entropy_quantile < 1.0:
+    soft = {"sapo_temperatures": sapo_temperatures, "vespo_gamma": vespo_gamma,
+            "kl_importance_weighted": kl_importance_weighted}
+    if off_policy_mask_threshold is not None and (
+            not isinstance(off_policy_mask_threshold, (int, float)) or not math.isfinite(off_policy_mask_threshold)
+            or seq_ids is None):
+        raise ValueError(f"{OP_LOSS}: off_policy_mask_threshold must be None or a finite number, with seq_ids; "
+                         f"got {off_policy_mask_threshold!r} (seq_ids {'missing' if seq_ids is None else 'given'})")
+    if (importance_sampling_level != "token" or top_entropy_quantile < 1.0 or loss_type == "vespo"
+            or off_policy_mask_threshold is not None):
         logprob_kwargs = {"bias": bias, "temperature": temperature, "ignore_index": ignore_index,
                           "impl": impl, "chunk_size": chunk_size, "grad_accum_dtype": grad_accum_dtype}
         loss_kwargs = {"ref_logprobs": ref_logprobs, "seq_ids": seq_ids, "clip_low": clip_low,
                        "clip_high": clip_high, "dual_clip": dual_clip, "kl_coef": kl_coef,
                        "kl_estimator": kl_estimator, "agg": agg, "loss_scale": loss_scale,
                        "global_tokens": global_tokens, "global_seqs": global_seqs, "loss_type": loss_type,
-                       "importance_sampling_level": importance_sampling_level, "delta": delta, "impl": impl}
+                       "importance_sampling_level": importance_sampling_level, "delta": delta, "impl": impl,
+                       **soft}
         return _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask,
-                                      top_entropy_quantile, return_entropy, logprob_kwargs, loss_kwargs)
+                                      top_entropy_quantile, off_policy_mask_threshold, return_entropy,
+                                      return_logprobs, logprob_kwargs, loss_kwargs)
     _check_inputs(OP_LOSS, hidden, weight, targets, bias, temperature, ignore_index,
                   host_check_targets=not _kernel_checks_targets(impl, hidden))
     N = hidden.shape[0]
@@ -924,28 +950,34 @@ def fused_linear_policy_loss(
         "clip_low": float(clip_low), "clip_high": float(clip_high),
         "dual_clip": None if dual_clip is None else float(dual_clip), "kl_coef": float(kl_coef),
         "kl_estimator": kl_estimator, "loss_type": loss_type,
-        "delta": None if delta is None else float(delta),
+        "delta": None if delta is None else float(delta), **soft,
     }
-    loss, totals, entropy = _FusedLinearPolicyLoss.apply(
+    loss, totals, entropy, logprobs = _FusedLinearPolicyLoss.apply(
         hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, weights,
-        float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy),
+        float(temperature), ignore_index, plan, use_triton, loss_cfg, bool(return_entropy), bool(return_logprobs),
     )
     metrics = metrics_from_stats(dict(zip(STAT_NAMES, totals.unbind(0))))
-    return (loss, metrics, entropy) if return_entropy else (loss, metrics)
+    return (loss, metrics) + ((entropy,) if return_entropy else ()) + ((logprobs,) if return_logprobs else ())
 
 
 def _two_sweep_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, top_entropy_quantile,
-                           return_entropy, logprob_kwargs, loss_kwargs):
+                           off_policy_mask_threshold, return_entropy, return_logprobs, logprob_kwargs,
+                           loss_kwargs):
     """`fused_linear_policy_loss` where tokens depend on each other (see its docstring): the log-probs
     (+ entropy) of every token first, then the loss on [N] vectors; autograd recomputes the tiles."""
-    from .policy_loss import high_entropy_mask, policy_loss
+    from .policy_loss import high_entropy_mask, off_policy_sequence_mask, policy_loss
 
     need_entropy = return_entropy or top_entropy_quantile < 1.0
     out = fused_linear_logprobs(hidden, weight, targets, return_entropy=need_entropy, **logprob_kwargs)
     logprobs, entropy = out if need_entropy else (out, None)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
     policy_mask = None
     if top_entropy_quantile < 1.0:
         policy_mask = high_entropy_mask(entropy.detach(), mask, top_entropy_quantile)
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    if off_policy_mask_threshold is not None:
+        keep = off_policy_sequence_mask(advantages, logprobs, old, mask, loss_kwargs["seq_ids"],
+                                        off_policy_mask_threshold)
+        policy_mask = keep if policy_mask is None else policy_mask & keep
     loss, metrics = policy_loss(logprobs, old, advantages, mask, policy_mask=policy_mask, **loss_kwargs)
-    return (loss, metrics, entropy.detach()) if return_entropy else (loss, metrics)
+    return ((loss, metrics) + ((entropy.detach(),) if return_entropy else ())
+            + ((logprobs.detach().float(),) if return_logprobs else ()))

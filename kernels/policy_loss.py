@@ -1,5 +1,5 @@
 """Clipped policy-gradient loss with a KL penalty, over packed tokens (PPO / GRPO / DAPO / Dr. GRPO,
-GSPO and GSPO-token, CISPO, two-sided clipping, top-entropy masking).
+GSPO and GSPO-token, CISPO, SAPO, VESPO, two-sided clipping, top-entropy masking).
 
 Per token t of sequence b (all inputs [N] over packed tokens; `mask` selects the tokens that train):
 
@@ -15,23 +15,34 @@ Per token t of sequence b (all inputs [N] over packed tokens; `mask` selects the
       L_pg    = min(L_clip, -A * dual_clip)  if A < 0 and dual_clip is set, else L_clip
     loss_type "cispo" (MiniMax-M1; clip_low >= 1: no lower bound, as TRL implements it):
       L_pg    = -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp
+    loss_type "sapo" (Soft Adaptive Policy Optimization; a soft gate instead of the hard clip):
+      L_pg    = -sigmoid(tau * (ratio - 1)) * 4 / tau * A,   tau = tau_pos if A > 0 else tau_neg
+    loss_type "vespo" (its own sequence-level weight; importance_sampling_level must be "token"):
+      W_b     = clamp(sum over b's tokens of clamp(logp - old_logp, -20, 20), log(1e-8), 20)   (a SUM)
+      phi_b   = exp(lam + k * W_b - lam * exp(W_b))   (k, lam) = (k_pos, lam_pos) if A >= 0 else the neg pair,
+                lam floored at 1e-4, a non-finite phi set to 0 (TRL's get_gamma_weights; phi(ratio 1) = 1)
+      L_pg    = -sg(phi_b) * A * logp      (ratio = exp(W_b) in the stats)
     L_pg   *= policy_mask[t]  where given (e.g. `high_entropy_mask`: only the top-entropy tokens' policy term)
     d       = logp - ref_logp
     KL      = k1: d | k2: d^2 / 2 | k3: clamp(exp(-d) + d - 1, -10, 10) | k3+: k3's value, k2's gradient
+    KL     *= ratio  with kl_importance_weighted (DeepSeek-V3.2's unbiased KL, TRL's use_bias_correction_kl:
+              the ratio differentiable, through the sequence mean at level "sequence"; not for vespo)
     L_tok   = L_pg + kl_coef * KL
     loss    = sum_t weights[t] * L_tok[t]          (weights from `aggregation_weights`, 0 on masked tokens)
 
 TRL's `loss_type`s in these terms: grpo / bnpo / dr_grpo / dapo / luspo are "ppo" with an aggregation
 (luspo = seq-mean-token-sum), cispo is "cispo" with clip_low = 1 and clip_high = TRL's epsilon_high - 1 (TRL
-caps at epsilon_high itself); TRL's `delta` is `delta`, its `importance_sampling_level` is ours. verl's cispo
-is "cispo" with its clip ratios.
+caps at epsilon_high itself); sapo and vespo are ours with TRL's temperatures / gamma parameters
+(`sapo_temperatures`, `vespo_gamma`); TRL's `delta` is `delta`, its `importance_sampling_level` is ours.
+verl's cispo is "cispo" with its clip ratios.
 
 Gradient conventions (what the reference's autograd and the kernel both give):
   * a token whose clipped branch is strictly larger than the unclipped one ("clipped") takes the
     clipped branch's gradient (0 outside [1 - clip_low, 1 + clip_high]); on a tie the branches have the
     same gradient. `clipped_low` counts tokens with coef < 1 - clip_low and A < 0, `clipped_high` those
     with coef > 1 + clip_high and A > 0: exactly TRL's `is_low_clipped` / `is_high_clipped` (for
-    "cispo": ratio > 1 + clip_high and A > 0, TRL's `cispo_clip_ratio`; clipped_low is then 0).
+    "cispo": ratio > 1 + clip_high and A > 0, TRL's `cispo_clip_ratio`; clipped_low is then 0; sapo and
+    vespo never clip: both 0).
     A == 0 is never clipped (its loss and gradient are 0 anyway).
   * with delta, coef = min(ratio, delta) has gradient 0 where ratio > delta.
   * a dual-clipped token (A < 0 and -A*ratio > -A*dual_clip, i.e. ratio > dual_clip) has gradient 0.
@@ -81,7 +92,12 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-LOSS_TYPES = ("ppo", "cispo")
+LOSS_TYPES = ("ppo", "cispo", "sapo", "vespo")
+DETACHED_WEIGHT_LOSSES = ("cispo", "vespo")  # L_pg = -sg(weight) * A * logp: no gradient through log_w
+SAPO_TEMPERATURES = (1.0, 1.05)  # (tau for A > 0, tau for A <= 0): TRL's defaults
+VESPO_GAMMA = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of the sequence log-ratio
+VESPO_LAMBDA_MIN = 1e-4  # TRL floors lambda here
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 RATIO_LOG_CLAMP = 20.0  # |log_w| (e.g. logp - old_logp) is clamped here before exp (exp(20) ~ 4.9e8)
 K3_CLAMP = 10.0  # k3 is clamped to [-K3_CLAMP, K3_CLAMP] (it is >= 0, so only the top matters)
@@ -109,7 +125,8 @@ def _is_number(x) -> bool:
 
 
 def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, ref_logprobs, loss_type="ppo",
-                  importance_sampling_level="token", delta=None, seq_ids=None) -> None:
+                  importance_sampling_level="token", delta=None, seq_ids=None, sapo_temperatures=SAPO_TEMPERATURES,
+                  vespo_gamma=VESPO_GAMMA, kl_importance_weighted=False) -> None:
     check_choice(op, "loss_type", loss_type, LOSS_TYPES)
     check_choice(op, "importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     # cispo caps the ratio at 1 + clip_high, which may be below 1 (TRL's epsilon_high < 1): only > 0 is needed
@@ -123,17 +140,39 @@ def _check_config(op, *, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, 
         raise ValueError(f"{op}: dual_clip must be None or a finite number > 1, got {dual_clip!r}")
     if delta is not None and (not _is_number(delta) or not math.isfinite(delta) or delta <= 0):
         raise ValueError(f"{op}: delta must be None or a finite number > 0, got {delta!r}")
-    if loss_type == "cispo" and (dual_clip is not None or delta is not None):
-        raise ValueError(f"{op}: dual_clip / delta bound the clipped PPO objective; loss_type='cispo' takes "
+    if loss_type != "ppo" and (dual_clip is not None or delta is not None):
+        raise ValueError(f"{op}: dual_clip / delta bound the clipped PPO objective; loss_type={loss_type!r} takes "
                          f"neither (got dual_clip={dual_clip!r}, delta={delta!r})")
-    if importance_sampling_level != "token" and seq_ids is None:
-        raise ValueError(f"{op}: seq_ids is required for "
+    _check_soft_params(op, sapo_temperatures, vespo_gamma)
+    if loss_type == "vespo":
+        if importance_sampling_level != "token":
+            raise ValueError(f"{op}: loss_type='vespo' weighs each sequence by its own summed log-ratio; "
+                             f"importance_sampling_level must be 'token', got {importance_sampling_level!r}")
+        if kl_importance_weighted:
+            raise ValueError(f"{op}: kl_importance_weighted is not defined for loss_type='vespo' (its weight "
+                             "is not an importance ratio of the token)")
+    if (importance_sampling_level != "token" or loss_type == "vespo") and seq_ids is None:
+        raise ValueError(f"{op}: seq_ids is required for loss_type={loss_type!r}, "
                          f"importance_sampling_level={importance_sampling_level!r}")
+    if kl_importance_weighted is not True and kl_importance_weighted is not False:
+        raise ValueError(f"{op}: kl_importance_weighted must be a bool, got {kl_importance_weighted!r}")
     if not _is_number(kl_coef) or not math.isfinite(kl_coef) or kl_coef < 0:
         raise ValueError(f"{op}: kl_coef must be a finite number >= 0, got {kl_coef!r}")
     check_choice(op, "kl_estimator", kl_estimator, KL_ESTIMATORS)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"{op}: ref_logprobs is required when kl_coef != 0 (kl_coef={kl_coef})")
+
+
+def _check_soft_params(op, sapo_temperatures, vespo_gamma) -> None:
+    def numbers(v, n):
+        return isinstance(v, (tuple, list)) and len(v) == n and all(_is_number(x) and math.isfinite(x) for x in v)
+
+    if not numbers(sapo_temperatures, 2) or min(sapo_temperatures) <= 0:
+        raise ValueError(f"{op}: sapo_temperatures must be two finite numbers > 0 (tau for A > 0, tau for "
+                         f"A <= 0), got {sapo_temperatures!r}")
+    if not numbers(vespo_gamma, 4) or vespo_gamma[1] <= 0 or vespo_gamma[3] <= 0:
+        raise ValueError(f"{op}: vespo_gamma must be four finite numbers (k_pos, lambda_pos, k_neg, "
+                         f"lambda_neg) with both lambdas > 0, got {vespo_gamma!r}")
 
 
 def _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, weights=None,
@@ -325,6 +364,61 @@ def log_importance_weights(
     return torch.where(valid, per_token, zero)
 
 
+def _segment_sum(values, dense):  # [N] -> each token's sequence total [N] (differentiable)
+    return torch.zeros_like(values).index_add(0, dense, values)[dense]
+
+
+def vespo_log_weights(
+    logprobs: torch.Tensor,  # [N] float
+    old_logprobs: torch.Tensor,  # [N] float
+    mask: torch.Tensor,  # [N] bool / int / float
+    seq_ids: torch.Tensor,  # [N] int
+) -> torch.Tensor:  # [N] in logprobs' dtype, detached: W_b of each token's sequence (0 on masked tokens)
+    """VESPO's sequence log-ratio W_b (module docstring): the SUM over b's masked-in tokens of the per-token
+    log-ratio clamped to [-20, 20], clamped to [log(1e-8), 20] (TRL's `get_gamma_weights`, no vLLM ratio)."""
+    valid = mask != 0
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, (logprobs - old_logprobs.to(logprobs.dtype)).detach(), zero)
+    clamped = log_ratio.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)
+    per_token = _segment_sum(clamped, _dense_segment_ids(seq_ids)).clamp(VESPO_LOG_W_MIN, RATIO_LOG_CLAMP)
+    return torch.where(valid, per_token, zero)
+
+
+def gamma_weights(
+    log_w: torch.Tensor,  # [N] float: W_b per token (vespo_log_weights)
+    advantages: torch.Tensor,  # [N] float
+    vespo_gamma: tuple[float, float, float, float] = VESPO_GAMMA,
+) -> torch.Tensor:  # [N] phi_b, detached
+    """VESPO's gamma weight phi = exp(lam + k W - lam e^W) (module docstring), non-finite -> 0."""
+    k_pos, lam_pos, k_neg, lam_neg = (float(x) for x in vespo_gamma)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, max(lam_pos, VESPO_LAMBDA_MIN), max(lam_neg, VESPO_LAMBDA_MIN)).to(log_w.dtype)
+    log_w = log_w.detach()
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_sequence_mask(
+    advantages: torch.Tensor,  # [N] float
+    logprobs: torch.Tensor,  # [N] float: the current policy's (used detached)
+    sampling_logprobs: torch.Tensor,  # [N] float: the policy that sampled (old, or the inference engine's)
+    mask: torch.Tensor,  # [N] bool / int / float
+    seq_ids: torch.Tensor,  # [N] int
+    threshold: float,
+) -> torch.Tensor:  # [N] bool: keep
+    """Off-policy sequence mask (DeepSeek-V3.2; TRL's `off_policy_mask_threshold`): drop the sequences with
+    A < 0 whose mean over masked-in tokens of (sampling_logp - logp) exceeds `threshold` (a NaN difference
+    counts 0, as TRL). Keeps every other token, masked ones included (the caller's mask handles those)."""
+    if not _is_number(threshold) or not math.isfinite(threshold):
+        raise ValueError(f"off_policy_sequence_mask: threshold must be a finite number, got {threshold!r}")
+    valid = mask != 0
+    dense = _dense_segment_ids(seq_ids)
+    f64 = torch.float64
+    kl = torch.where(valid, (sampling_logprobs.to(f64) - logprobs.detach().to(f64)).nan_to_num(nan=0.0), 0.0)
+    mean_kl = _segment_sum(kl, dense) / _segment_sum(valid.to(f64), dense).clamp_min(1.0)
+    return (advantages >= 0) | (mean_kl <= threshold)
+
+
 def high_entropy_mask(
     entropy: torch.Tensor,  # [N] float
     mask: torch.Tensor,  # [N] bool / int / float
@@ -360,7 +454,8 @@ def high_entropy_mask(
 
 def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *, clip_low, clip_high,
                      dual_clip, kl_coef, kl_estimator, loss_type="ppo", importance_sampling_level="token",
-                     delta=None, seq_ids=None, policy_mask=None):
+                     delta=None, seq_ids=None, policy_mask=None, sapo_temperatures=SAPO_TEMPERATURES,
+                     vespo_gamma=VESPO_GAMMA, kl_importance_weighted=False):
     """Per-token loss [N] (autograd-able in logprobs) and per-token indicators/values for the stats.
 
     All inputs already in the compute dtype; `valid` [N] bool. Masked tokens are zeroed first.
@@ -370,20 +465,28 @@ def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *,
     old = torch.where(valid, old_logprobs, zero)
     adv = torch.where(valid, advantages, zero)
 
-    log_w = log_importance_weights(logp, old, valid, seq_ids, importance_sampling_level)
+    if loss_type == "vespo":
+        log_w = vespo_log_weights(logp, old, valid, seq_ids)
+    else:
+        log_w = log_importance_weights(logp, old, valid, seq_ids, importance_sampling_level)
     ratio = torch.exp(torch.clamp(log_w, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     no_token = torch.zeros_like(valid)
+    clipped_low, clipped_high, dual_active = no_token, no_token, no_token
     if loss_type == "cispo":
         pg = -torch.clamp(ratio, lo, hi).detach() * adv * logp
-        clipped_low, clipped_high, dual_active = no_token, (ratio > hi) & (adv > 0), no_token
+        clipped_high = (ratio > hi) & (adv > 0)
+    elif loss_type == "vespo":
+        pg = -gamma_weights(log_w, adv, vespo_gamma) * adv * logp
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, float(sapo_temperatures[0]), float(sapo_temperatures[1])).to(ratio.dtype)
+        pg = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
     else:
         coef = ratio if delta is None else torch.clamp(ratio, max=delta)
         unclipped = -adv * coef
         clipped = -adv * torch.clamp(ratio, lo, hi)
         pg = torch.maximum(unclipped, clipped)
         clipped_low, clipped_high = (coef < lo) & (adv < 0), (coef > hi) & (adv > 0)
-        dual_active = no_token
         if dual_clip is not None:
             dual_bound = -adv * dual_clip
             dual_active = (adv < 0) & (pg > dual_bound)
@@ -402,6 +505,8 @@ def _per_token_terms(logprobs, old_logprobs, advantages, valid, ref_logprobs, *,
             d_safe = torch.clamp(d, -2 * K3_CLAMP, 2 * K3_CLAMP)  # see module docstring: value/grad unchanged
             k3 = torch.clamp(torch.exp(-d_safe) + d_safe - 1.0, -K3_CLAMP, K3_CLAMP)
             kl = k3 if kl_estimator == "k3" else k2 + (k3 - k2).detach()  # k3+: straight-through
+        if kl_importance_weighted:
+            kl = kl * ratio
         total = pg + kl_coef * kl
     else:
         kl = torch.zeros_like(pg)
@@ -459,14 +564,17 @@ def policy_loss_reference(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, seq_ids=None, clip_low=0.2,
     clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3", agg="token-mean", loss_scale=None,
     global_tokens=None, global_seqs=None, loss_type="ppo", importance_sampling_level="token", delta=None,
-    policy_mask=None, upcast=False,
+    policy_mask=None, sapo_temperatures=SAPO_TEMPERATURES, vespo_gamma=VESPO_GAMMA, kl_importance_weighted=False,
+    upcast=False,
 ):
     """Plain-torch autograd specification of `policy_loss` (same arguments and outputs).
 
     Computes in float32 (float64 with `upcast=True`) whatever the input dtypes; the gradient flows to
     `logprobs` through torch autograd.
     """
-    variant = {"loss_type": loss_type, "importance_sampling_level": importance_sampling_level, "delta": delta}
+    variant = {"loss_type": loss_type, "importance_sampling_level": importance_sampling_level, "delta": delta,
+               "sapo_temperatures": sapo_temperatures, "vespo_gamma": vespo_gamma,
+               "kl_importance_weighted": kl_importance_weighted}
     _validate_all(_OP, logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
                   dual_clip, kl_coef, kl_estimator, seq_ids=seq_ids, policy_mask=policy_mask, **variant)
     dtype = torch.float64 if upcast else torch.float32
@@ -485,13 +593,11 @@ def policy_loss_reference(
 
 
 def _validate_all(op, logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
-                  kl_coef, kl_estimator, weights=None, seq_ids=None, policy_mask=None, loss_type="ppo",
-                  importance_sampling_level="token", delta=None):
+                  kl_coef, kl_estimator, weights=None, seq_ids=None, policy_mask=None, **variant):
     _check_token_inputs(op, logprobs, old_logprobs, advantages, mask, ref_logprobs, weights, seq_ids,
                         policy_mask)
     _check_config(op, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                  kl_estimator=kl_estimator, ref_logprobs=ref_logprobs, loss_type=loss_type,
-                  importance_sampling_level=importance_sampling_level, delta=delta, seq_ids=seq_ids)
+                  kl_estimator=kl_estimator, ref_logprobs=ref_logprobs, seq_ids=seq_ids, **variant)
 
 
 # ----------------------------------------------------------------------------- fused primitive
@@ -516,13 +622,19 @@ def _token_loss_terms_reference(logprobs, old_logprobs, advantages, mask, weight
 
 
 def _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type, importance_sampling_level,
-                 delta) -> dict:
-    """The scalar settings as the custom op takes them (plain Python floats / strings)."""
+                 delta, sapo_temperatures=SAPO_TEMPERATURES, vespo_gamma=VESPO_GAMMA,
+                 kl_importance_weighted=False) -> dict:
+    """The scalar settings as the custom op takes them (plain Python floats / strings / float lists); the
+    values are validated by `_check_config` (a bad one passes through unconverted to be named there)."""
+    def floats(v):
+        return [float(x) for x in v] if isinstance(v, (tuple, list)) and all(map(_is_number, v)) else v
+
     return {"clip_low": float(clip_low), "clip_high": float(clip_high),
-                "dual_clip": None if dual_clip is None else float(dual_clip), "kl_coef": float(kl_coef),
-                "kl_estimator": kl_estimator, "loss_type": loss_type,
-                "importance_sampling_level": importance_sampling_level,
-                "delta": None if delta is None else float(delta)}
+            "dual_clip": None if dual_clip is None else float(dual_clip), "kl_coef": float(kl_coef),
+            "kl_estimator": kl_estimator, "loss_type": loss_type,
+            "importance_sampling_level": importance_sampling_level,
+            "delta": None if delta is None else float(delta), "sapo_temperatures": floats(sapo_temperatures),
+            "vespo_gamma": floats(vespo_gamma), "kl_importance_weighted": kl_importance_weighted}
 
 
 def token_loss_terms(
@@ -543,6 +655,9 @@ def token_loss_terms(
     delta: float | None = None,
     seq_ids: torch.Tensor | None = None,  # [N] int: required unless importance_sampling_level == "token"
     policy_mask: torch.Tensor | None = None,  # [N] bool / int / float
+    sapo_temperatures: tuple[float, float] = SAPO_TEMPERATURES,
+    vespo_gamma: tuple[float, float, float, float] = VESPO_GAMMA,
+    kl_importance_weighted: bool = False,
     impl: str = "auto",
 ):  # -> (loss 0-d f32, grad_logprobs [N] f32, stats: dict[str, 0-d f32])
     """Fused forward + backward of the per-token loss, no autograd: the primitive other ops build on.
@@ -555,7 +670,7 @@ def token_loss_terms(
     """
     check_tensor("token_loss_terms", "weights", weights, floating=True)
     cfg = _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type,
-                       importance_sampling_level, delta)
+                       importance_sampling_level, delta, sapo_temperatures, vespo_gamma, kl_importance_weighted)
     _validate_all("token_loss_terms", logprobs, old_logprobs, advantages, mask, ref_logprobs, weights=weights,
                   seq_ids=seq_ids, policy_mask=policy_mask, **cfg)
     backend = resolve_impl(impl, logprobs.device, op="token_loss_terms")
@@ -584,10 +699,12 @@ if triton is not None:
         partials_ptr,  # [num_programs, NUM_STATS] f32 out: this program's stat sums
         N, n_tiles,
         ratio_lo, ratio_hi, dual_clip, kl_coef, delta,  # Python floats (the interpreter passes them as such)
+        soft_a_pos, soft_b_pos, soft_a_neg, soft_b_neg,  # sapo: (tau, -); vespo: (k, lambda) by the sign of A
         HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,  # KL_KIND: 0 none, 1 k1, 2 k2, 3 k3, 4 k3+
         W_IS_SCALE: tl.constexpr,  # w_ptr holds one scale c: w = mask * c (no [N] weights pass)
-        CISPO: tl.constexpr,  # loss_type: 0 ppo, 1 cispo
-        IS_LEVEL: tl.constexpr,  # 0 token, 1 sequence, 2 sequence_token
+        LOSS_KIND: tl.constexpr,  # LOSS_TYPES index: 0 ppo, 1 cispo, 2 sapo, 3 vespo (log_w = W_b, IS_LEVEL 2)
+        KL_IW: tl.constexpr,  # the KL term times the (differentiable) ratio
+        IS_LEVEL: tl.constexpr,  # 0 token, 1 sequence, 2 sequence_token (or a precomputed, detached log_w)
         HAS_DELTA: tl.constexpr, HAS_PMASK: tl.constexpr,
         NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -630,13 +747,28 @@ if triton is not None:
                 log_w = logp - old
             in_clamp = (log_w >= -20.0) & (log_w <= 20.0)  # torch.clamp passes grad at the bounds
             ratio = tl.exp(tl.minimum(tl.maximum(log_w, -20.0), 20.0))
-            if CISPO:  # -sg(clip(ratio, lo, hi)) * A * logp: gradient only through logp itself
-                weight = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+            if LOSS_KIND == 1 or LOSS_KIND == 3:  # -sg(weight) * A * logp: gradient only through logp itself
+                if LOSS_KIND == 1:  # cispo: the clipped ratio
+                    weight = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+                    is_high = (ratio > ratio_hi) & (adv > 0.0)
+                else:  # vespo: phi = exp(lam + k W - lam e^W) (W in [log 1e-8, 20]); inf / NaN -> 0
+                    nonneg = adv >= 0.0
+                    k = tl.where(nonneg, soft_a_pos, soft_a_neg)
+                    lam = tl.where(nonneg, soft_b_pos, soft_b_neg)
+                    weight = tl.exp(lam + k * log_w - lam * ratio)
+                    weight = tl.where(weight <= 3.4028234663852886e38, weight, 0.0)
+                    is_high = tl.zeros([BLOCK], dtype=tl.int1)
                 pg = -weight * adv * logp
                 d_own = -weight * adv
                 d_lw = tl.zeros([BLOCK], dtype=tl.float32)
                 is_low = tl.zeros([BLOCK], dtype=tl.int1)
-                is_high = (ratio > ratio_hi) & (adv > 0.0)
+            elif LOSS_KIND == 2:  # sapo: -sigmoid(tau (ratio - 1)) 4 / tau * A, a smooth gate (no clipping)
+                tau = tl.where(adv > 0.0, soft_a_pos, soft_a_neg)
+                gate = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+                pg = -gate * (4.0 / tau) * adv
+                d_lw = tl.where(in_clamp, -4.0 * adv * gate * (1.0 - gate) * ratio, 0.0)
+                is_low = tl.zeros([BLOCK], dtype=tl.int1)
+                is_high = tl.zeros([BLOCK], dtype=tl.int1)
             else:
                 if HAS_DELTA:
                     coef = tl.minimum(ratio, delta)
@@ -667,11 +799,11 @@ if triton is not None:
                 pmask = tl.where(valid, tl.load(pm_ptr + offs, mask=in_bounds, other=0).to(tl.float32), 0.0)
                 pg = pg * pmask
                 d_lw = d_lw * pmask
-                if CISPO:
+                if LOSS_KIND == 1 or LOSS_KIND == 3:
                     d_own = d_own * pmask
 
             total = pg
-            if CISPO:  # (the launcher runs cispo's "sequence" as IS_LEVEL 2: no gradient through log_w)
+            if LOSS_KIND == 1 or LOSS_KIND == 3:  # cispo "sequence" runs as IS_LEVEL 2 (no KL_IW): see launcher
                 d_total = d_own
             elif IS_LEVEL == 1:  # through log_w = the sequence mean: finished by the caller from dlw
                 d_total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -695,6 +827,14 @@ if triton is not None:
                         d_kl = tl.where((k3_raw <= 10.0) & (k3_raw >= -10.0), 1.0 - e, 0.0)
                     else:  # k3+: k3's value, k2's gradient (straight-through)
                         d_kl = d
+                if KL_IW:  # d(kl * ratio) = ratio * d_kl (own) + kl * ratio * d log_w
+                    d_kl = d_kl * ratio
+                    kl_lw = tl.where(in_clamp, kl * ratio, 0.0)
+                    kl = kl * ratio
+                    if IS_LEVEL == 1:
+                        d_lw = d_lw + kl_coef * kl_lw
+                    else:
+                        d_kl = d_kl + kl_lw
                 kl = tl.where(valid, kl, 0.0)
                 total = total + kl_coef * kl
                 d_total = d_total + kl_coef * d_kl
@@ -735,7 +875,9 @@ if triton is not None:
 # The loss variants (2026-11-30, the same compile of bench/audit's policy-loss cases plus these): cispo
 # 56-64 registers, sequence / sequence_token 64-72, policy_mask 61, k3+ 72 (was 77): 7-9 blocks per SM,
 # no spills; two-sided clip (delta) 72-75 and sequence + delta + dual + policy_mask 79: 6 blocks per SM
-# there, so one program in seven waits for a slot in those (non-default) configurations only.
+# there, so one program in seven waits for a slot in those (non-default) configurations only. SAPO 61 (sequence
+# level, importance-weighted KL, policy mask: 64), VESPO 56, the importance-weighted KL 68-72: 7-9 blocks per
+# SM, no spills (`python -m bench audit`, 2026-11-30).
 _CUDA_BLOCK, _CUDA_WARPS, _CUDA_BLOCKS_PER_SM = 512, 4, 7
 
 
@@ -771,7 +913,9 @@ def _sequence_log_ratio(logprobs, old_logprobs, mask, seq_ids):
 
 def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
                               clip_high, dual_clip, kl_coef, kl_estimator, grad=None, *, loss_type="ppo",
-                              importance_sampling_level="token", delta=None, seq_ids=None, policy_mask=None):
+                              importance_sampling_level="token", delta=None, seq_ids=None, policy_mask=None,
+                              sapo_temperatures=SAPO_TEMPERATURES, vespo_gamma=VESPO_GAMMA,
+                              kl_importance_weighted=False):
     """Launch the fused kernel. `grad` [N] f32: optional output buffer (tests pass a poisoned one)."""
     if triton is None:
         raise RuntimeError("token_loss_terms: impl='triton' was requested but triton is not installed")
@@ -790,19 +934,30 @@ def _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights,
     ref = contiguous[0] if ref_logprobs is None else ref_logprobs.contiguous()  # unread when KL_KIND == 0
     pmask = contiguous[0] if policy_mask is None else as_loadable(policy_mask).contiguous()  # unread if None
     level = IMPORTANCE_SAMPLING_LEVELS.index(importance_sampling_level)
-    if loss_type == "cispo" and level == 1:
+    if loss_type == "cispo" and level == 1 and not kl_importance_weighted:
         level = 2  # the weight is stop-gradient: "sequence" has no gradient through the mean either
     log_w = d_log_w = contiguous[0]  # unread / unwritten at token level
-    if level != 0:
+    if loss_type == "vespo":  # W_b: a clamped SUM, computed here (float64 sums: order-independent); detached
+        level = 2
+        log_w = vespo_log_weights(logprobs.detach().float().double(), old_logprobs.float().double(), mask,
+                                  seq_ids).float()
+    elif level != 0:
         dense, counts, log_w = _sequence_log_ratio(logprobs, old_logprobs, mask, seq_ids)
     if level == 1:
         d_log_w = torch.empty(n, dtype=torch.float32, device=dev)
+    # the soft losses' (A > 0 | A >= 0, A <= 0 | A < 0) parameters: sapo (tau, -), vespo (k, lambda)
+    if loss_type == "sapo":
+        soft = (sapo_temperatures[0], 0.0, sapo_temperatures[1], 0.0)
+    else:
+        soft = (vespo_gamma[0], max(vespo_gamma[1], VESPO_LAMBDA_MIN), vespo_gamma[2],
+                max(vespo_gamma[3], VESPO_LAMBDA_MIN))
     _policy_loss_fwd_bwd_kernel[(nprog,)](
         *contiguous[:3], ref, contiguous[3], contiguous[4], log_w, pmask, grad, d_log_w, partials, n,
         triton.cdiv(n, block), 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
-        kl_coef, 0.0 if delta is None else delta,
+        kl_coef, 0.0 if delta is None else delta, *(float(x) for x in soft),
         HAS_DUAL=dual_clip is not None, W_IS_SCALE=weights.dim() == 0,
-        KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator], CISPO=loss_type == "cispo",
+        KL_KIND=_KL_KIND[None if ref_logprobs is None else kl_estimator],
+        LOSS_KIND=LOSS_TYPES.index(loss_type), KL_IW=kl_importance_weighted and ref_logprobs is not None,
         IS_LEVEL=level, HAS_DELTA=delta is not None, HAS_PMASK=policy_mask is not None,
         NUM_STATS=_NUM_STATS, BLOCK=block, num_warps=num_warps,
     )
@@ -823,19 +978,23 @@ def policy_loss_terms_op(
     weights: torch.Tensor, ref_logprobs: torch.Tensor | None, clip_low: float, clip_high: float,
     dual_clip: float | None, kl_coef: float, kl_estimator: str, loss_type: str = "ppo",
     importance_sampling_level: str = "token", delta: float | None = None, seq_ids: torch.Tensor | None = None,
-    policy_mask: torch.Tensor | None = None,
+    policy_mask: torch.Tensor | None = None, sapo_temperatures: list[float] | None = None,
+    vespo_gamma: list[float] | None = None, kl_importance_weighted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss 0-d f32, grad_logprobs [N] f32, stats [len(STAT_NAMES)] f32) from the Triton kernel."""
     return _policy_loss_terms_triton(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low,
                                      clip_high, dual_clip, kl_coef, kl_estimator, loss_type=loss_type,
                                      importance_sampling_level=importance_sampling_level, delta=delta,
-                                     seq_ids=seq_ids, policy_mask=policy_mask)
+                                     seq_ids=seq_ids, policy_mask=policy_mask,
+                                     sapo_temperatures=sapo_temperatures or SAPO_TEMPERATURES,
+                                     vespo_gamma=vespo_gamma or VESPO_GAMMA,
+                                     kl_importance_weighted=kl_importance_weighted)
 
 
 @policy_loss_terms_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, weights, ref_logprobs, clip_low, clip_high, dual_clip, kl_coef,
       kl_estimator, loss_type="ppo", importance_sampling_level="token", delta=None, seq_ids=None,
-      policy_mask=None):
+      policy_mask=None, sapo_temperatures=None, vespo_gamma=None, kl_importance_weighted=False):
     f32 = {"dtype": torch.float32, "device": logprobs.device}
     return logprobs.new_empty((), **f32), logprobs.new_empty(logprobs.shape, **f32), \
         logprobs.new_empty((_NUM_STATS,), **f32)
@@ -880,27 +1039,33 @@ def policy_loss(
     importance_sampling_level: str = "token",
     delta: float | None = None,
     policy_mask: torch.Tensor | None = None,  # [N] bool / int / float (e.g. `high_entropy_mask`)
+    sapo_temperatures: tuple[float, float] = SAPO_TEMPERATURES,
+    vespo_gamma: tuple[float, float, float, float] = VESPO_GAMMA,
+    kl_importance_weighted: bool = False,
     impl: str = "auto",
 ):  # -> (loss 0-d f32, metrics: dict[str, 0-d f32 tensor])
-    """Clipped policy loss (PPO / GSPO / CISPO) with asymmetric clip, dual or two-sided clip and a KL
-    penalty over packed tokens.
+    """Clipped policy loss (PPO / GSPO / CISPO / SAPO / VESPO) with asymmetric clip, dual or two-sided clip
+    and a KL penalty over packed tokens.
 
-    Per-token semantics and gradient conventions: see the module docstring (`loss_type` "ppo" | "cispo",
-    `importance_sampling_level` "token" | "sequence" | "sequence_token", `delta`, `policy_mask`).
+    Per-token semantics and gradient conventions: see the module docstring (`loss_type` "ppo" | "cispo" |
+    "sapo" | "vespo", `importance_sampling_level` "token" | "sequence" | "sequence_token", `delta`,
+    `policy_mask`, `sapo_temperatures` (tau for A > 0, tau for A <= 0), `vespo_gamma` (k_pos, lambda_pos,
+    k_neg, lambda_neg), `kl_importance_weighted`).
     Aggregation (`agg`, `loss_scale`, `global_tokens`, `global_seqs`, `seq_ids`): see
     `aggregation_weights`. Differentiable in `logprobs` only (the gradient comes back in logprobs' dtype).
 
     metrics (0-d tensors, detached, no host sync; means over this call's masked tokens):
       loss, clip_frac_low (coef < 1-clip_low and A < 0), clip_frac_high (coef > 1+clip_high and
       A > 0; cispo: ratio > 1+clip_high and A > 0), clip_frac_dual (A < 0 and ratio > dual_clip),
-      ratio_mean, kl_mean (0 without ref_logprobs), tokens (sum of mask). At sequence level a token
-      counts with its sequence's ratio (token-weighted, not per sequence).
+      ratio_mean (vespo: exp(W_b)), kl_mean (0 without ref_logprobs; times the ratio with
+      kl_importance_weighted), tokens (sum of mask). At sequence level a token counts with its
+      sequence's ratio (token-weighted, not per sequence).
 
     impl: "auto" (Triton on CUDA, the torch reference on CPU), "reference", "triton" (on CPU tensors
     under TRITON_INTERPRET=1). Bad input raises ValueError naming the argument.
     """
     cfg = _loss_config(clip_low, clip_high, dual_clip, kl_coef, kl_estimator, loss_type,
-                       importance_sampling_level, delta)
+                       importance_sampling_level, delta, sapo_temperatures, vespo_gamma, kl_importance_weighted)
     _validate_all(_OP, logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids=seq_ids,
                   policy_mask=policy_mask, **cfg)
     check_choice(_OP, "agg", agg, AGG_MODES)

@@ -12,6 +12,7 @@ does not parse as TOML is taken as a bare string.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from wz_engine.config_loader import ConfigError, from_dict, parse_override, read
 from wz_engine.envs.config import EnvConfig, GiGPOConfig
 from wz_engine.judge.config import GenRMConfig
 from wz_engine.judge.verifiable import PreferenceConfig
+from wz_engine.loss_config import SAPOConfig, VESPOConfig
 from wz_engine.rollout.vllm_config import VLLMConfig  # importable without vllm installed
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +156,13 @@ class AlgorithmConfig:
     the sequence ratio's value, each token's own gradient), "luspo" (GSPO with each sequence's loss
     scaled by its length: agg "seq-mean-token-sum"), "cispo" (MiniMax-M1: -sg(clip(ratio, 1 - clip_low,
     1 + clip_high)) * A * logp, no gradient clipped away; clip_low = 1: no lower bound, as TRL; ScaleRL
-    uses clip_high = 4); or a module path
-    "pkg.module:name" to a PolicyLoss of your own."""
+    uses clip_high = 4), "sapo" (a sigmoid gate instead of the clip: `sapo`), "vespo" (a gamma weight of
+    each sequence's summed log-ratio, no clip: `vespo`); or a module path "pkg.module:name" to a
+    PolicyLoss of your own."""
+    sapo: SAPOConfig = field(default_factory=SAPOConfig)
+    """SAPO's gate temperatures (policy_loss = "sapo")."""
+    vespo: VESPOConfig = field(default_factory=VESPOConfig)
+    """VESPO's gamma-weight parameters (policy_loss = "vespo")."""
     custom: dict[str, Any] = field(default_factory=dict)
     """Options of a custom estimator or loss (a table, e.g. custom = { beta = 0.5 }); built-ins ignore it."""
     ppo_epochs: int = 1
@@ -195,8 +202,15 @@ class AlgorithmConfig:
     every token. The quantile is taken over each micro-batch's tokens on its rank (TRL: over the
     micro-batch of all processes). 1.0 keeps all; < 1 costs a second vocabulary sweep. Built-in losses
     only."""
+    off_policy_mask_threshold: float | None = None
+    """Off-policy sequence mask (DeepSeek-V3.2; TRL's option of that name): drop the policy term of sequences
+    with A < 0 whose mean per-token KL(old || current) = mean(old_logp - logp) exceeds this (e.g. 0.5).
+    Acts only with an old-logprob pass (several updates per batch); costs a second vocabulary sweep. None: off."""
     kl_coef: float = 0.0
     """KL penalty against the frozen initial policy; > 0 builds the reference model."""
+    kl_importance_weighted: bool = False
+    """Multiply the KL term by the (differentiable) importance ratio (DeepSeek-V3.2's unbiased KL gradient;
+    TRL's use_bias_correction_kl, which TRL turns on by default); not with "vespo"."""
     kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k3"
     """Per-token estimator of the KL penalty (used when kl_coef > 0)."""
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
@@ -336,6 +350,9 @@ class RunConfig:
             bad("algorithm.dual_clip", f"must be > 1, got {self.algorithm.dual_clip}")
         if self.algorithm.delta is not None and not self.algorithm.delta > 0:
             bad("algorithm.delta", f"must be > 0 (a cap on the ratio), got {self.algorithm.delta}")
+        threshold = self.algorithm.off_policy_mask_threshold
+        if threshold is not None and not math.isfinite(threshold):
+            bad("algorithm.off_policy_mask_threshold", f"must be None or a finite number, got {threshold}")
         if not 0 <= self.algorithm.top_entropy_quantile <= 1:
             bad("algorithm.top_entropy_quantile",
                 f"must be in [0, 1], got {self.algorithm.top_entropy_quantile}")
@@ -391,9 +408,13 @@ class RunConfig:
             raise ConfigError(f"algorithm.estimator: a pairwise judge ({self.judge.kind!r}) pairs with a pairwise "
                               f"estimator (one of {wanted}), got {self.algorithm.estimator!r}")
         loss = entries["algorithm.policy_loss"]
-        if self.algorithm.top_entropy_quantile < 1 and not loss.takes_top_entropy:
-            raise ConfigError(f"algorithm.top_entropy_quantile: policy loss {self.algorithm.policy_loss!r} "
-                              "does not apply the top-entropy mask (the built-in fused losses do)")
+        a = self.algorithm
+        for key, on in (("top_entropy_quantile", a.top_entropy_quantile < 1),
+                        ("off_policy_mask_threshold", a.off_policy_mask_threshold is not None),
+                        ("kl_importance_weighted", a.kl_importance_weighted)):
+            if on and not loss.takes_fused_options:
+                raise ConfigError(f"algorithm.{key}: policy loss {a.policy_loss!r} does not apply it "
+                                  "(the built-in fused losses do)")
         for entry in entries.values():
             if entry.validate is not None:
                 entry.validate(self)

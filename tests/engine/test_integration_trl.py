@@ -128,6 +128,14 @@ CASES = [  # (loss_type, importance_sampling_level, beta, extra config)
     ("cispo", "sequence", 0.0, {"epsilon_high": 1.05, "top_entropy_quantile": 0.5}),
     ("cispo", "token", 0.05, {"epsilon_high": None, "use_bias_correction_kl": True}),
     ("cispo", "sequence", 0.05, {"epsilon_high": 1.05, "use_bias_correction_kl": True, "delta": 1.5}),
+    ("sapo", "token", 0.0, {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3}),
+    ("sapo", "sequence", 0.0, {}),
+    ("sapo", "token", 0.05, {"use_bias_correction_kl": True, "top_entropy_quantile": 0.5}),
+    ("sapo", "sequence", 0.05, {"use_bias_correction_kl": True, "off_policy_mask_threshold": 0.02}),
+    ("vespo", "token", 0.0, {"vespo_k_pos": 1.5, "vespo_lambda_neg": 1.0}),
+    ("vespo", "sequence", 0.0, {"off_policy_mask_threshold": 0.02}),
+    ("vespo", "token", 0.05, {"use_bias_correction_kl": True}),
+    ("vespo", "sequence", 0.05, {"use_bias_correction_kl": True, "top_entropy_quantile": 0.4}),
 ]
 
 
@@ -141,8 +149,6 @@ def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, level
     config = dict({"loss_type": loss_type, "importance_sampling_level": level, "beta": beta}, **extra)
     stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", **config)
     ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", **config)
-    clip_metrics = ("cispo_clip_ratio",) if loss_type == "cispo" else (
-        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
     for name, inputs in zip(("on-policy", "off-policy"), batches):
         want_loss, want_grads = loss_and_grads(stock, inputs)
         got_loss, got_grads = loss_and_grads(ours, inputs)
@@ -151,14 +157,27 @@ def test_loss_and_grads_match_trl(model_dir, batches, tmp_path, loss_type, level
         assert any(g.abs().max() > 0 for g in want_grads.values()), "degenerate case: no gradient at all"
         for param, want in want_grads.items():
             torch.testing.assert_close(got_grads[param], want, rtol=1e-4, atol=1e-7, msg=f"{name}: grad {param}")
-        for metric in clip_metrics + (("kl",) if beta else ()):
-            assert ours._metrics["train"][metric][-1] == pytest.approx(stock._metrics["train"][metric][-1],
-                                                                       rel=1e-5, abs=1e-7), f"{name}: {metric}"
-    # the off-policy batch really exercises the clipping (otherwise the metric comparison proves little);
-    # with delta <= 1 + epsilon_high TRL's high-clip count is 0 by construction, and at sequence level the
-    # low side alone may not fire on this batch
-    if not (level == "sequence" and extra.get("delta", math.inf) <= 1.28):
-        assert stock._metrics["train"][clip_metrics[-1]][-1] > 0
+        assert_same_metrics(ours._metrics["train"], stock._metrics["train"], name)
+    logged = stock._metrics["train"]
+    assert "entropy" in logged and ("kl" in logged) == (beta != 0)
+    # the off-policy batch really exercises the clipping / weighting (otherwise the metric comparison proves
+    # little); with delta <= 1 + epsilon_high TRL's high-clip count is 0 by construction, and at sequence
+    # level the low side alone may not fire on this batch
+    if loss_type == "vespo":
+        assert logged["vespo/phi_seq_mean"][-1] != pytest.approx(1.0, abs=1e-3)
+    elif loss_type != "sapo" and not (level == "sequence" and extra.get("delta", math.inf) <= 1.28):
+        assert logged["cispo_clip_ratio" if loss_type == "cispo" else "clip_ratio/region_mean"][-1] > 0
+
+
+def assert_same_metrics(ours: dict, stock: dict, name: str) -> None:
+    """Every metric TRL's _compute_loss logged, by name, with the same values (NaN where TRL has NaN)."""
+    assert set(ours) == set(stock), f"{name}: metric names {sorted(ours)} != TRL's {sorted(stock)}"
+    for metric, want in stock.items():
+        got = ours[metric]
+        assert len(got) == len(want), f"{name}: {metric}"
+        for g, w in zip(got, want):
+            assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, rel=1e-5, abs=1e-6), \
+                f"{name}: {metric} {got} != TRL's {want}"
 
 
 def test_three_training_steps(model_dir, tmp_path):
@@ -175,7 +194,7 @@ def test_three_training_steps(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [
-    ("loss_type", "sapo"), ("loss_type", "vespo"), ("importance_sampling_level", "sequence_token"),
+    ("importance_sampling_level", "sequence_token"),
     ("entropy_coef", 0.01), ("use_adaptive_entropy", True), ("cast_lm_head_to_fp32", True),
 ])
 def test_unsupported_option_is_a_clear_error(model_dir, tmp_path, option, value):
@@ -195,7 +214,7 @@ def test_dapo_normaliser_matches_trl_formula():
                                    num_processes=1, grad_accum_steps=4, steps_per_generation=4, training=True)
     assert (luspo.agg, luspo.global_seqs, luspo.divisor) == ("seq-mean-token-sum", 4.0, 4.0)
     with pytest.raises(ValueError, match="loss_type"):
-        trl_loss_normalisation("sapo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
+        trl_loss_normalisation("gspo", num_sequences=1, max_completion_length=1, num_items_in_batch=None,
                                num_processes=1, grad_accum_steps=1, steps_per_generation=1, training=True)
 
 
@@ -250,8 +269,8 @@ def test_on_policy_beta_zero_is_one_fused_pass(monkeypatch):
                                            num_items_in_batch=None, num_processes=1, grad_accum_steps=1,
                                            steps_per_generation=1, training=True)
     for objective in (trl_loss.TRLObjective(), trl_loss.TRLObjective("cispo", epsilon_high=5.0),
-                      trl_loss.TRLObjective(delta=1.1)):
+                      trl_loss.TRLObjective(delta=1.1), trl_loss.TRLObjective("sapo")):
         advantages = torch.randn(6, generator=g)
-        loss, metrics = trl_loss.fused_grpo_loss(hidden, weight, targets, None, advantages, seq_ids,
-                                                 norm=norm, objective=objective)
+        loss, metrics, _ = trl_loss.fused_grpo_loss(hidden, weight, targets, None, advantages, seq_ids,
+                                                    norm=norm, objective=objective)
         assert torch.isfinite(loss) and float(metrics["ratio_mean"]) == 1.0

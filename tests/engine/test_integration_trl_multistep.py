@@ -39,7 +39,7 @@ def train(cls, path, out_dir, **config):
                            optim="sgd", learning_rate=0.5, **config)
     trainer.train()
     history = trainer.state.log_history
-    keys = ("loss", "clip_ratio/region_mean", "cispo_clip_ratio")
+    keys = ("loss", "clip_ratio/region_mean", "cispo_clip_ratio", "vespo/phi_seq_mean", "entropy", "kl")
     logged = {k: [h[k] for h in history if k in h] for k in keys}
     return recorder.steps, logged
 
@@ -53,11 +53,15 @@ OBJECTIVES = {
     "grpo-sequence-beta": {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04,
                            "epsilon": 0.01, "epsilon_high": 0.01},
     "cispo-token": {"loss_type": "cispo", "epsilon_high": 1.01},
+    "sapo-sequence-beta": {"loss_type": "sapo", "importance_sampling_level": "sequence", "beta": 0.04,
+                           "use_bias_correction_kl": True, "sapo_temperature_pos": 2.0},
+    "vespo-token": {"loss_type": "vespo", "vespo_lambda_pos": 1.5, "off_policy_mask_threshold": 0.001},
 }
 
 
 RUNS = [("steps_per_generation=4", "dapo-token"), ("steps_per_generation=4", "grpo-sequence-beta"),
-        ("num_iterations=2", "grpo-sequence-beta"), ("num_iterations=2", "cispo-token")]
+        ("num_iterations=2", "grpo-sequence-beta"), ("num_iterations=2", "cispo-token"),
+        ("num_iterations=2", "sapo-sequence-beta"), ("steps_per_generation=4", "vespo-token")]
 
 
 @pytest.mark.parametrize("schedule,objective", RUNS, ids=[f"{s}-{o}" for s, o in RUNS])
@@ -74,6 +78,10 @@ def test_training_run_matches_trl_step_by_step(model_dir, tmp_path, schedule, ob
     assert len(want_logs["loss"]) == config["max_steps"]
     for key, want in want_logs.items():
         assert got_logs[key] == pytest.approx(want, rel=1e-4, abs=1e-7), key
-    # the later steps really are off-policy: clipping (cispo: the cap) is active at some step
-    clip_key = "cispo_clip_ratio" if config["loss_type"] == "cispo" else "clip_ratio/region_mean"
-    assert max(want_logs[clip_key]) > 0
+    # the later steps really are off-policy: clipping (cispo: the cap) is active at some step, vespo's weight
+    # leaves 1 (sapo logs nothing of its ratio; its gate's gradient differs from 1's off-policy)
+    if config["loss_type"] == "vespo":
+        assert max(abs(phi - 1) for phi in want_logs["vespo/phi_seq_mean"]) > 1e-4, want_logs
+    elif config["loss_type"] != "sapo":
+        clip_key = "cispo_clip_ratio" if config["loss_type"] == "cispo" else "clip_ratio/region_mean"
+        assert max(want_logs[clip_key]) > 0

@@ -1,5 +1,5 @@
-"""The registered fused policy losses (ppo_clip with delta / top-entropy masking, gspo, gspo_token, luspo,
-cispo): the options each builds from the config, run through FusedHeadCausalLM on a packed batch, against
+"""The registered fused policy losses (ppo_clip with delta / top-entropy masking / the off-policy sequence
+mask / the importance-weighted KL, gspo, gspo_token, luspo, cispo, sapo, vespo): the options each builds from the config, run through FusedHeadCausalLM on a packed batch, against
 a float64 copy of the model (logits -> log_softmax) and the float64 policy-loss reference called with the
 semantics each loss is documented to have (written out here, not taken from the entry); and each one
 training end to end with several updates per rollout batch."""
@@ -14,9 +14,10 @@ import torch
 from tests.engine.modeling_fsdp_worker import packed_batch, tiny_model
 from wz_engine.algorithms import POLICY_LOSSES, TokenLoss
 from wz_engine.config import AlgorithmConfig, ConfigError, load_config
+from wz_engine.loss_config import SAPOConfig, VESPOConfig
 from wz_engine.modeling import FusedHeadCausalLM, PolicyLossBatch
 from wz_engine.trainer import Trainer
-from wz_kernels.policy_loss import high_entropy_mask, policy_loss_reference
+from wz_kernels.policy_loss import high_entropy_mask, off_policy_sequence_mask, policy_loss_reference
 
 TINY = Path(__file__).with_name("tiny_run.toml")
 # a loss of the log-probs only (never sees entropies): must refuse top_entropy_quantile
@@ -39,7 +40,16 @@ CASES = [  # (loss, config, the documented semantics as policy_loss arguments, t
     ("cispo", {"clip_high": 0.1, "kl_coef": 0.05, "agg": "seq-mean-token-sum-norm"},
      {"loss_type": "cispo", "clip_high": 0.1, "kl_coef": 0.05, "agg": "seq-mean-token-sum-norm",
       "loss_scale": float(MAX_NEW_TOKENS)}, 1.0),
+    ("sapo", {"sapo": SAPOConfig(0.8, 1.3), "kl_coef": 0.05, "kl_importance_weighted": True,
+              "agg": "seq-mean-token-mean"},
+     {"loss_type": "sapo", "sapo_temperatures": (0.8, 1.3), "kl_coef": 0.05, "kl_importance_weighted": True,
+      "agg": "seq-mean-token-mean"}, 1.0),
+    ("vespo", {"vespo": VESPOConfig(1.5, 2.0, 2.5, 1.0), "kl_coef": 0.05, "top_entropy_quantile": 0.6},
+     {"loss_type": "vespo", "vespo_gamma": (1.5, 2.0, 2.5, 1.0), "kl_coef": 0.05}, 0.6),
+    ("ppo_clip", {"off_policy_mask_threshold": -0.55, "kl_coef": 0.1, "kl_importance_weighted": True},
+     {"kl_coef": 0.1, "kl_importance_weighted": True}, 1.0),
 ]
+OPSM_THRESHOLD = -0.55  # this batch: of the two A < 0 sequences (mean KL -0.547, -0.555) one is dropped
 
 
 def batch_inputs(ids, pos, targets, logp_init):
@@ -63,7 +73,7 @@ def float64_logprobs(model64, ids, pos, targets):
     return logp, entropy
 
 
-@pytest.mark.parametrize("name,config,semantics,top_q", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,config,semantics,top_q", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_registered_loss_matches_float64(name, config, semantics, top_q):
     ids, pos, targets, _, _ = packed_batch(lengths=(6, 1, 9, 5, 7))
     model = tiny_model(tied=False)
@@ -81,6 +91,9 @@ def test_registered_loss_matches_float64(name, config, semantics, top_q):
     loss.backward()
 
     policy_mask = high_entropy_mask(entropy64.detach(), mask, top_q) if top_q < 1 else None
+    if "off_policy_mask_threshold" in config:  # the sequences with A < 0 and mean(old - logp) > threshold
+        policy_mask = off_policy_sequence_mask(adv, logp64, old, mask, seq_ids, OPSM_THRESHOLD)
+        assert 0 < int(policy_mask[mask].sum()) < int(mask.sum())
     want, want_metrics = policy_loss_reference(
         logp64, old.double(), adv.double(), mask, ref_logprobs=ref.double(), seq_ids=seq_ids,
         global_tokens=global_tokens, global_seqs=global_seqs, policy_mask=policy_mask, upcast=True,
@@ -95,7 +108,7 @@ def test_registered_loss_matches_float64(name, config, semantics, top_q):
     assert metrics["ratio_mean"].item() != pytest.approx(1.0)  # off-policy: the ratio matters
 
 
-@pytest.mark.parametrize("name", ["gspo", "gspo_token", "luspo", "cispo"])
+@pytest.mark.parametrize("name", ["gspo", "gspo_token", "luspo", "cispo", "sapo", "vespo"])
 def test_trains_with_several_updates_per_rollout(tmp_path, name):
     """Two optimizer steps per rollout batch (the old-logprob pass runs, the ratio moves): finite losses,
     the loss's metrics logged, and the second update's ratio off 1."""
@@ -110,7 +123,10 @@ def test_trains_with_several_updates_per_rollout(tmp_path, name):
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     for key in POLICY_LOSSES.get(name).metrics:
         assert key in rows[-1], key
-    assert rows[-1]["clip_frac_high"] > 0 or rows[-1].get("clip_frac_low", 0) > 0
+    if name in ("sapo", "vespo"):  # nothing clips: the second update's ratio is off 1
+        assert rows[-1]["ratio_mean"] != pytest.approx(1.0, abs=1e-7)
+    else:
+        assert rows[-1]["clip_frac_high"] > 0 or rows[-1].get("clip_frac_low", 0) > 0
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -120,6 +136,20 @@ def test_trains_with_several_updates_per_rollout(tmp_path, name):
     (['algorithm.policy_loss="luspo"', 'algorithm.agg="seq-mean-token-mean"'],
      "aggregates with 'seq-mean-token-sum'"),
     (["algorithm.delta=0"], "algorithm.delta: must be > 0"),
+    (['algorithm.policy_loss="sapo"', "algorithm.sapo.temperature_neg=0"],
+     "algorithm.sapo.temperature_neg: must be a finite number > 0"),
+    (['algorithm.policy_loss="sapo"', "algorithm.delta=2.0"], "algorithm.delta: bounds the clipped PPO"),
+    (['algorithm.policy_loss="vespo"', "algorithm.vespo.lambda_pos=-1"],
+     "algorithm.vespo.lambda_pos: must be a finite number > 0"),
+    (['algorithm.policy_loss="vespo"', "algorithm.vespo.k_neg=nan"], "algorithm.vespo.k_neg: must be a finite"),
+    (['algorithm.policy_loss="vespo"', "algorithm.kl_importance_weighted=true"],
+     "algorithm.kl_importance_weighted: not defined for policy_loss 'vespo'"),
+    (['algorithm.policy_loss="vespo"', 'rollout.sampler="vllm"'], "rollout.vllm.is_correction: policy_loss"),
+    (["algorithm.off_policy_mask_threshold=inf"], "algorithm.off_policy_mask_threshold: must be None or a finite"),
+    (['algorithm.policy_loss="tests.engine.test_policy_losses:TOKEN_LOSS"',
+      "algorithm.off_policy_mask_threshold=0.5"], "algorithm.off_policy_mask_threshold: policy loss"),
+    (['algorithm.policy_loss="tests.engine.test_policy_losses:TOKEN_LOSS"',
+      "algorithm.kl_importance_weighted=true"], "algorithm.kl_importance_weighted: policy loss"),
     (["algorithm.top_entropy_quantile=1.5"], "algorithm.top_entropy_quantile: must be in [0, 1]"),
     (['algorithm.policy_loss="tests.engine.test_policy_losses:TOKEN_LOSS"',
       "algorithm.top_entropy_quantile=0.2"],

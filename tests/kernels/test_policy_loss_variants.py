@@ -256,7 +256,7 @@ def test_sequence_level_stats_are_additive_over_whole_sequence_chunks(impl):
 
 
 BAD_VARIANTS = [
-    ({"loss_type": "sapo"}, "loss_type"),
+    ({"loss_type": "grpo"}, "loss_type"),
     ({"importance_sampling_level": "seq"}, "importance_sampling_level"),
     ({"importance_sampling_level": "sequence", "seq_ids": None}, "seq_ids"),
     ({"delta": 0.0}, "delta"),

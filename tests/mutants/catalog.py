@@ -39,6 +39,7 @@ T_BRPO = "tests/engine/test_brpo.py"
 T_ADV = "tests/kernels/test_advantage.py"
 T_LOSS = "tests/kernels/test_policy_loss.py"
 T_VARIANTS = "tests/kernels/test_policy_loss_variants.py"
+T_SOFT = "tests/kernels/test_policy_loss_soft.py"
 T_LOGP = "tests/kernels/test_logprob.py"
 T_ATTN = "tests/kernels/test_attention.py"
 T_PACK = "tests/engine/test_packing.py"
@@ -188,6 +189,19 @@ MUTANTS: list[Mutant] = [
            "tl.where(ratio <= delta, ratio, 0.0))", "ratio)",
            "two-sided clipping: a ratio above delta still passes its gradient (kernel)",
            (f"{T_VARIANTS}::test_triton_matches_float64_reference",)),
+    Mutant("loss-sapo-gate-gradient-misses-ratio-kernel", LOSS,
+           "-4.0 * adv * gate * (1.0 - gate) * ratio, 0.0)", "-4.0 * adv * gate * (1.0 - gate), 0.0)",
+           "SAPO's gate gradient forgets d ratio / d log_w = ratio (kernel)",
+           (f"{T_SOFT}::test_triton_matches_float64_reference",)),
+    Mutant("loss-vespo-token-log-ratio-unclamped", LOSS,
+           "clamped = log_ratio.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)", "clamped = log_ratio",
+           "VESPO sums the raw per-token log-ratios (TRL clamps each to [-20, 20] first): one outlier token "
+           "misweighs its sequence",
+           (f"{T_SOFT}::test_vespo_clamps_each_token_before_the_sum",)),
+    Mutant("trl-vespo-normalised-like-grpo", "wz_engine/integrations/trl_loss.py",
+           'if loss_type in ("grpo", "sapo"):', 'if loss_type in ("grpo", "sapo", "vespo"):',
+           "WZGRPOTrainer's vespo averages per sequence (TRL normalises it like dapo: by the global token count)",
+           ("tests/engine/test_integration_trl.py::test_loss_and_grads_match_trl",)),
     Mutant("trl-cispo-gets-a-lower-bound", "wz_engine/integrations/trl_loss.py",
            "clip_low, clip_high = 1.0, self.epsilon_high - 1.0",
            "clip_low, clip_high = self.epsilon_low, self.epsilon_high - 1.0",

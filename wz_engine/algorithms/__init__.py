@@ -9,8 +9,9 @@ Built-ins (one module per file, discovered: every module of the package is impor
 
     estimators/      brpo (pairwise); grpo, dr_grpo, rloo, reinforce_pp_baseline (wz_kernels.advantage);
                      gigpo (per_step: multi-turn agent runs with an env, wz_kernels.gigpo_advantages)
-    losses/          ppo_clip, gspo, gspo_token, luspo, cispo (wz_kernels.fused_linear_policy_loss: clip,
-                     dual / two-sided clip, KL, agg modes, top-entropy masking)
+    losses/          ppo_clip, gspo, gspo_token, luspo, cispo, sapo, vespo (wz_kernels.fused_linear_policy_loss:
+                     clip, dual / two-sided clip, KL (importance-weighted), agg modes, top-entropy and
+                     off-policy sequence masks)
     reward_sources/  callable, genrm (pairwise judges); rule, scalar_rm, preference (pointwise; preference
                      trains the policy as the GenRM on preference pairs)
 

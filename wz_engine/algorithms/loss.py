@@ -49,8 +49,9 @@ class PolicyLoss:
     """Per-token-mean metrics the loss returns (logged under these names)."""
     validate: Callable[[RunConfig], None] | None = None
     """Extra config checks (raise ConfigError naming the key)."""
-    takes_top_entropy: ClassVar[bool] = False
-    """Whether the loss honours algorithm.top_entropy_quantile (the fused built-ins do; others refuse it)."""
+    takes_fused_options: ClassVar[bool] = False
+    """Whether the loss honours algorithm.top_entropy_quantile, off_policy_mask_threshold and
+    kl_importance_weighted (the fused built-ins do; the config refuses them for others)."""
 
     def options(self, a: AlgorithmConfig, max_new_tokens: int) -> dict[str, Any]:
         """`batch.options` of every micro-batch (the global counts are added by the update)."""

@@ -22,16 +22,16 @@ Everything else stays TRL's and is untouched: generation, rewards, advantages (`
 log-probabilities (no-grad passes through TRL's own fused head), the optimizer, logging and checkpoints.
 
 How TRL's options map (trl 1.16, `GRPOTrainer._compute_loss`): see `wz_engine.integrations.trl_loss`. Every
-`loss_type` but "sapo" / "vespo", both `importance_sampling_level`s ("token", "sequence": GSPO), any `delta`,
+`loss_type` (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo with its temperatures, vespo with its gamma
+parameters), both `importance_sampling_level`s ("token", "sequence": GSPO), any `delta`,
 `top_entropy_quantile`, `off_policy_mask_threshold`, `beta` with and without `use_bias_correction_kl`, on- and
 off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old log-probs are untouched)
 give TRL's loss and gradients. Options whose semantics are not reproduced raise a ValueError at construction
 (see `unsupported_options`); nothing is silently ignored.
 
-Logged metrics: `kl`, `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean` (cispo:
-`cispo_clip_ratio`), with TRL's definitions (per sequence at sequence level). Not logged: `entropy` (the fused
-loss never forms the distribution's entropy on its one-pass route), `clip_ratio/low_min` and
-`clip_ratio/high_max` (per-sequence statistics).
+Logged metrics: the ones TRL's `_compute_loss` logs, with TRL's definitions and reductions over processes
+(`wz_engine.integrations.trl_metrics`): `entropy` (from the same vocabulary tiles as the log-probs), `kl`,
+`clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}`, `cispo_clip_ratio`, `vespo/phi_seq_mean`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from wz_engine.integrations.trl_loss import (
     fused_grpo_loss,
     trl_loss_normalisation,
 )
+from wz_engine.integrations.trl_metrics import trl_metric_terms
 
 __all__ = [
     "SUPPORTED_LOSS_TYPES",
@@ -178,14 +179,19 @@ class WZGRPOTrainer(GRPOTrainer):
             grad_accum_steps=self.current_gradient_accumulation_steps if mode == "train" else 1,
             steps_per_generation=self.args.steps_per_generation, training=mode == "train")
         objective = TRLObjective.from_trl(self.loss_type, self.args, self.beta)
-        loss, metrics = fused_grpo_loss(
-            hidden[valid], weight, completion_ids[valid], None if old is None else old[valid].float(),
-            advantages.expand_as(valid)[valid].float(), rows[valid], norm=norm, objective=objective,
-            bias=bias, ref_logprobs=ref, temperature=self.temperature,
-            policy_mask_fn=self._policy_mask_fn(inputs, mask, advantages, old),
-            need_entropy=self.top_entropy_quantile < 1.0)
-        per_sequence = objective.importance_sampling_level == "sequence" and inputs["advantages"].dim() == 1
-        self._log_loss_metrics(metrics, mode, num_seqs, per_sequence)
+        old_tokens = None if old is None else old[valid].float()
+        token_advantages = advantages.expand_as(valid)[valid].float()
+        loss, metrics, (logprobs, entropy) = fused_grpo_loss(
+            hidden[valid], weight, completion_ids[valid], old_tokens, token_advantages, rows[valid], norm=norm,
+            objective=objective, bias=bias, ref_logprobs=ref, temperature=self.temperature,
+            policy_mask_fn=self._policy_mask_fn(inputs, mask, advantages, old))
+        row_advantages = inputs["advantages"].float() if inputs["advantages"].dim() == 1 else None
+        means, extremes = trl_metric_terms(objective, logprobs, old_tokens, token_advantages, entropy,
+                                           rows[valid], num_seqs, row_advantages)
+        if self.beta != 0.0:
+            tokens = metrics["tokens"].float()
+            means["kl"] = (metrics["kl_mean"].float() * tokens, tokens)
+        self._log_loss_metrics(means, extremes, mode)
         return loss / norm.divisor
 
     def _policy_mask_fn(self, inputs, mask, advantages, old):
@@ -215,31 +221,14 @@ class WZGRPOTrainer(GRPOTrainer):
 
         return policy_mask
 
-    def _log_loss_metrics(self, metrics: dict, mode: str, num_seqs: int, per_sequence: bool) -> None:
-        """TRL's metrics, reduced over processes the way TRL reduces them: token means, or at sequence level
-        (advantages [B]) means over all B sequences."""
-        tokens = metrics["tokens"].float()
+    def _log_loss_metrics(self, means: dict, extremes: dict, mode: str) -> None:
+        """TRL's metrics (`trl_metric_terms`), reduced over processes as TRL reduces them: each mean as a global
+        sum / count, each min / max over the gathered per-row values (NaN rows skipped)."""
+        from trl.trainer.utils import nanmax, nanmin
 
-        def global_mean(total, count):
+        for name, (total, count) in means.items():
             totals = self.accelerator.reduce(torch.stack([total.float(), count.float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        def token_mean(name):
-            return global_mean(metrics[name].float() * tokens, tokens)
-
-        if self.beta != 0.0:
-            self._metrics[mode]["kl"].append(token_mean("kl_mean"))
-        if per_sequence:
-            seqs = torch.tensor(float(num_seqs), device=tokens.device)
-            low = global_mean(metrics["clipped_low_seqs"], seqs)
-            high = global_mean(metrics["clipped_high_seqs"], seqs)
-            region = global_mean(metrics["clipped_low_seqs"] + metrics["clipped_high_seqs"], seqs)
-        else:
-            low, high = token_mean("clip_frac_low"), token_mean("clip_frac_high")
-            region = global_mean((metrics["clip_frac_low"] + metrics["clip_frac_high"]) * tokens, tokens)
-        if self.loss_type == "cispo":
-            self._metrics[mode]["cispo_clip_ratio"].append(high)
-            return
-        self._metrics[mode]["clip_ratio/low_mean"].append(low)
-        self._metrics[mode]["clip_ratio/high_mean"].append(high)
-        self._metrics[mode]["clip_ratio/region_mean"].append(region)
+            self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        for name, (per_row, reduce) in extremes.items():
+            gathered = self.accelerator.gather(per_row)
+            self._metrics[mode][name].append((nanmin if reduce == "min" else nanmax)(gathered).item())

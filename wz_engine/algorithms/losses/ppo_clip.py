@@ -1,6 +1,6 @@
 """PPO's clipped surrogate with dual clip, two-sided clip (delta) and a KL penalty, fused with the lm_head
 (`wz_kernels.fused_linear_policy_loss`: the [N, V] logits never exist; formulas in wz_kernels.policy_loss).
-`FusedClipLoss` is also the base of the other fused built-ins (gspo, gspo_token, luspo, cispo)."""
+`FusedClipLoss` is also the base of the other fused built-ins (gspo, gspo_token, luspo, cispo, sapo, vespo)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ class FusedClipLoss(PolicyLoss):
 
     kernel_options: tuple[tuple[str, Any], ...] = ()
     """This loss's fixed kernel options (e.g. importance_sampling_level="sequence"), over the config's."""
-    takes_top_entropy: ClassVar[bool] = True
+    takes_fused_options: ClassVar[bool] = True
 
     def options(self, a, max_new_tokens: int) -> dict:
-        top = {"top_entropy_quantile": a.top_entropy_quantile} if a.top_entropy_quantile < 1.0 else {}
-        return {**common_options(a, max_new_tokens), **top, **dict(self.kernel_options)}
+        fused = {"top_entropy_quantile": a.top_entropy_quantile} if a.top_entropy_quantile < 1.0 else {}
+        if a.off_policy_mask_threshold is not None:
+            fused["off_policy_mask_threshold"] = a.off_policy_mask_threshold
+        if a.kl_importance_weighted:
+            fused["kl_importance_weighted"] = True
+        return {**common_options(a, max_new_tokens), **fused, **dict(self.kernel_options)}
 
     def __call__(self, hidden, weight, targets, batch, *, return_entropy: bool = False, **head):
         import wz_kernels
