@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tests.engine.modeling_fsdp_worker import packed_batch, tiny_model
+from wz_engine.algorithm_config import SAPOConfig, VESPOConfig
 from wz_engine.algorithms import POLICY_LOSSES, TokenLoss
 from wz_engine.config import AlgorithmConfig, ConfigError, load_config
-from wz_engine.loss_config import SAPOConfig, VESPOConfig
 from wz_engine.modeling import FusedHeadCausalLM, PolicyLossBatch
 from wz_engine.trainer import Trainer
 from wz_kernels.policy_loss import high_entropy_mask, off_policy_sequence_mask, policy_loss_reference

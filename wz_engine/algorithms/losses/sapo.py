@@ -7,9 +7,9 @@ clip_low / clip_high / dual_clip / delta do not apply, and nothing is clipped in
 
 from dataclasses import asdict
 
+from wz_engine.algorithm_config import check_soft_loss_config
 from wz_engine.algorithms.loss import register_policy_loss
 from wz_engine.algorithms.losses.ppo_clip import FusedClipLoss
-from wz_engine.loss_config import check_soft_loss_config
 
 
 def _validate(cfg) -> None:
