@@ -10,13 +10,28 @@ Every module guards its triton import, so this works where triton is absent. To 
 kernels on CPU (the interpreter), set TRITON_INTERPRET=1 before importing wz_kernels.
 """
 
-from .advantage import brpo_advantages, gigpo_advantages, group_advantages
-from .attention import varlen_attention
-from .logprob import fused_linear_logprobs, fused_linear_policy_loss
-from .policy_loss import policy_loss
-from .weight_pack import multi_tensor_copy, pack_tensors, unpack_into, unpack_tensors
+import sys
 
-__version__ = "0.1.0"
+if __name__ != "wz_kernels":
+    # This source folder imported as a top-level "kernels" (the repository root on sys.path: pytest, a
+    # notebook in the checkout). transformers probes for Hugging Face's `kernels` package by importing that
+    # name (`is_kernels_available`). Running the submodules again under that name would define every
+    # torch.library op a second time, which destroys the registrations that wz_kernels' functions hold
+    # (crashes inside the dispatcher later, or "vector::reserve"). So the name is an alias of wz_kernels.
+    import importlib
+
+    try:
+        sys.modules[__name__] = importlib.import_module("wz_kernels")
+    except ImportError:  # not installed: stay an empty module (no ops, no version: "not HF's kernels")
+        pass
+else:
+    from .advantage import brpo_advantages, gigpo_advantages, group_advantages
+    from .attention import varlen_attention
+    from .logprob import fused_linear_logprobs, fused_linear_policy_loss
+    from .policy_loss import policy_loss
+    from .weight_pack import multi_tensor_copy, pack_tensors, unpack_into, unpack_tensors
+
+    __version__ = "0.1.0"
 
 __all__ = [
     "brpo_advantages",
