@@ -193,6 +193,53 @@ def test_three_training_steps(model_dir, tmp_path):
     assert "lm_head.weight" in changed and len(changed) > len(before) // 2
 
 
+# The vLLM importance-sampling correction: TRL multiplies the policy term by inputs["importance_sampling_ratio"]
+# ([B, T] in its token modes, [B, 1] in its sequence modes; 0 where a *_mask mode rejected a token). vLLM cannot
+# run here, so both trainers get the flags use_vllm=True sets and the ratio TRL's generation would add.
+VLLM_IS_CASES = [  # (loss_type, importance_sampling_level, beta, ratio shape, extra config)
+    ("grpo", "token", 0.0, "token", {}),
+    ("dapo", "sequence", 0.05, "token", {"use_bias_correction_kl": True}),
+    ("cispo", "token", 0.05, "sequence", {"epsilon_high": 1.05}),
+    ("sapo", "sequence", 0.0, "token", {}),
+    ("bnpo", "token", 0.0, "sequence", {"top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.02}),
+]
+
+
+@pytest.mark.parametrize("loss_type,level,beta,ratio_shape,extra", VLLM_IS_CASES,
+                         ids=[f"{c[0]}-{c[1]}-beta{c[2]}-{c[3]}_ratio" for c in VLLM_IS_CASES])
+def test_vllm_importance_sampling_correction_matches_trl(model_dir, batches, tmp_path, loss_type, level, beta,
+                                                         ratio_shape, extra):
+    config = dict({"loss_type": loss_type, "importance_sampling_level": level, "beta": beta}, **extra)
+    stock = make_trainer(GRPOTrainer, model_dir, tmp_path / "stock", **config)
+    ours = make_trainer(WZGRPOTrainer, model_dir, tmp_path / "ours", **config)
+    for trainer in (stock, ours):
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    inputs = copy.copy(batches[1])  # with vLLM, TRL always has old log-probs
+    b, t = inputs["completion_ids"].shape
+    ratio = 0.3 + 1.5 * torch.rand(b, t if ratio_shape == "token" else 1, generator=torch.Generator().manual_seed(3))
+    ratio[1, 0] = 0.0  # a token (or a whole sequence) a *_mask mode rejected
+    inputs["importance_sampling_ratio"] = ratio
+    want_loss, want_grads = loss_and_grads(stock, inputs)
+    got_loss, got_grads = loss_and_grads(ours, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for param, want in want_grads.items():
+        torch.testing.assert_close(got_grads[param], want, rtol=1e-4, atol=1e-7, msg=f"grad {param}")
+    assert_same_metrics(ours._metrics["train"], stock._metrics["train"], "vllm-is")
+    # the ratio really enters: without it (the flag off) TRL's loss differs
+    stock.vllm_importance_sampling_correction = False
+    assert not torch.allclose(loss_and_grads(stock, inputs)[0], want_loss)
+
+
+def test_vllm_importance_sampling_correction_with_vespo_is_refused():
+    from wz_engine.integrations.trl import unsupported_options
+
+    args = {"output_dir": "unused", "use_cpu": True, "bf16": False, "use_vllm": True}
+    assert unsupported_options(GRPOConfig(loss_type="grpo", vllm_importance_sampling_correction=True, **args)) == []
+    problems = unsupported_options(GRPOConfig(loss_type="vespo", vllm_importance_sampling_correction=True, **args))
+    assert len(problems) == 1 and "vllm_importance_sampling_correction" in problems[0]
+    assert unsupported_options(GRPOConfig(loss_type="vespo", vllm_importance_sampling_correction=False, **args)) == []
+
+
 @pytest.mark.parametrize("option,value", [
     ("importance_sampling_level", "sequence_token"),
     ("entropy_coef", 0.01), ("use_adaptive_entropy", True), ("cast_lm_head_to_fp32", True),

@@ -361,4 +361,8 @@ MUTANTS: list[Mutant] = [
            "purge = resume_step + 1 if resume else None", "purge = resume_step + 2 if resume else None",
            "TensorBoard keeps the lost run's first step after the checkpoint beside the resumed one",
            ("tests/engine/test_tensorboard_resume.py",)),
+    Mutant("trl-vllm-is-ratio-dropped", "wz_engine/integrations/trl.py",
+           "keep = keep * is_ratio.float()", "keep = keep",
+           "WZGRPOTrainer ignores TRL's vLLM importance-sampling ratio (the policy term uncorrected)",
+           ("tests/engine/test_integration_trl.py::test_vllm_importance_sampling_correction_matches_trl",)),
 ]

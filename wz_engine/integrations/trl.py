@@ -24,8 +24,9 @@ log-probabilities (no-grad passes through TRL's own fused head), the optimizer, 
 How TRL's options map (trl 1.16, `GRPOTrainer._compute_loss`): see `wz_engine.integrations.trl_loss`. Every
 `loss_type` (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo with its temperatures, vespo with its gamma
 parameters), both `importance_sampling_level`s ("token", "sequence": GSPO), any `delta`,
-`top_entropy_quantile`, `off_policy_mask_threshold`, `beta` with and without `use_bias_correction_kl`, on- and
-off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old log-probs are untouched)
+`top_entropy_quantile`, `off_policy_mask_threshold`, `beta` with and without `use_bias_correction_kl`, the vLLM
+importance-sampling correction (`use_vllm` with `vllm_importance_sampling_correction`, token or sequence modes;
+not with vespo), on- and off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old log-probs are untouched)
 give TRL's loss and gradients. Options whose semantics are not reproduced raise a ValueError at construction
 (see `unsupported_options`); nothing is silently ignored.
 
@@ -83,9 +84,9 @@ def unsupported_options(args: GRPOConfig) -> list[str]:
                         f"are {SUPPORTED_IMPORTANCE_SAMPLING_LEVELS}")
     if opt("entropy_coef", 0.0) != 0.0 or opt("use_adaptive_entropy", False):
         problems.append("entropy_coef / use_adaptive_entropy: the entropy bonus is not supported")
-    if opt("use_vllm", False) and opt("vllm_importance_sampling_correction", False):
-        problems.append("vllm_importance_sampling_correction=True (with use_vllm=True): the vLLM importance-sampling "
-                        "correction is not supported; set it to False")
+    if opt("use_vllm", False) and opt("vllm_importance_sampling_correction", False) and opt("loss_type") == "vespo":
+        problems.append("loss_type='vespo' with vllm_importance_sampling_correction=True: TRL folds the sampler's "
+                        "ratio into vespo's gamma weight, which is not reproduced; set it to False")
     if opt("cast_lm_head_to_fp32", False):
         problems.append("cast_lm_head_to_fp32=True: not supported")
     return problems
@@ -195,11 +196,14 @@ class WZGRPOTrainer(GRPOTrainer):
         return loss / norm.divisor
 
     def _policy_mask_fn(self, inputs, mask, advantages, old):
-        """TRL's masks on the policy term (off-policy sequence mask, top-entropy mask) from the scored tokens'
-        log-probs / entropies, through TRL's own functions on [B, T] (so the entropy quantile is TRL's,
-        gathered over processes); None when neither is configured."""
+        """TRL's factors on the policy term (off-policy sequence mask, top-entropy mask, the vLLM importance-
+        sampling ratio) from the scored tokens' log-probs / entropies, through TRL's own functions on [B, T] (so
+        the entropy quantile is TRL's, gathered over processes); None when none is configured."""
         use_entropy, threshold = self.top_entropy_quantile < 1.0, self.off_policy_mask_threshold
-        if not use_entropy and threshold is None:
+        # [B, T] (token modes) or [B, 1] (sequence modes), detached; TRL multiplies the policy term by it
+        is_ratio = inputs["importance_sampling_ratio"] if (
+            self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo") else None
+        if not use_entropy and threshold is None and is_ratio is None:
             return None
         valid = mask.bool()
 
@@ -210,6 +214,8 @@ class WZGRPOTrainer(GRPOTrainer):
 
         def policy_mask(logprobs, entropy):
             keep = torch.ones(valid.shape, device=valid.device)
+            if is_ratio is not None:
+                keep = keep * is_ratio.float()
             if threshold is not None:
                 current = to_rows(logprobs)
                 sampling = inputs.get("sampling_per_token_logps", current if old is None else old)
