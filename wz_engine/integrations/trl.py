@@ -26,8 +26,8 @@ How TRL's options map (trl 1.16, `GRPOTrainer._compute_loss`): see `wz_engine.in
 parameters), both `importance_sampling_level`s ("token", "sequence": GSPO), any `delta`,
 `top_entropy_quantile`, `off_policy_mask_threshold`, `beta` with and without `use_bias_correction_kl`, the vLLM
 importance-sampling correction (`use_vllm` with `vllm_importance_sampling_correction`, token or sequence modes;
-not with vespo), on- and off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old log-probs are untouched)
-give TRL's loss and gradients. Options whose semantics are not reproduced raise a ValueError at construction
+not with vespo), on- and off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old
+log-probs are untouched) give TRL's loss and gradients. Options whose semantics are not reproduced raise a ValueError at construction
 (see `unsupported_options`); nothing is silently ignored.
 
 Logged metrics: the ones TRL's `_compute_loss` logs, with TRL's definitions and reductions over processes
