@@ -27,8 +27,8 @@ parameters), both `importance_sampling_level`s ("token", "sequence": GSPO), any 
 `top_entropy_quantile`, `off_policy_mask_threshold`, `beta` with and without `use_bias_correction_kl`, the vLLM
 importance-sampling correction (`use_vllm` with `vllm_importance_sampling_correction`, token or sequence modes;
 not with vespo), on- and off-policy (`steps_per_generation` / `num_iterations` > 1: TRL's buffering and old
-log-probs are untouched) give TRL's loss and gradients. Options whose semantics are not reproduced raise a ValueError at construction
-(see `unsupported_options`); nothing is silently ignored.
+log-probs are untouched) give TRL's loss and gradients. Options whose semantics are not reproduced raise a
+ValueError at construction (see `unsupported_options`); nothing is silently ignored.
 
 Logged metrics: the ones TRL's `_compute_loss` logs, with TRL's definitions and reductions over processes
 (`wz_engine.integrations.trl_metrics`): `entropy` (from the same vocabulary tiles as the log-probs), `kl`,
