@@ -53,6 +53,18 @@ def run(impl, b, dtype=torch.float32, **kw):
     return loss.detach(), logp.grad, metrics
 
 
+def assert_triton_matches_float64(b, **cfg):
+    """The Triton kernel's loss, gradient and every metric on batch b against the float64 reference."""
+    loss, grad, metrics = run("triton", b, **cfg)
+    loss64, grad64, metrics64 = run("ref64", b, dtype=torch.float64, **cfg)
+    assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5, name="loss")
+    assert_close_to_reference(grad, grad64, atol=1e-7, rtol=1e-5, name="grad")
+    assert metrics.keys() == metrics64.keys()
+    for k in metrics:
+        assert metrics[k].dim() == 0
+        assert_close_to_reference(metrics[k], metrics64[k], atol=1e-6, rtol=1e-5, name=k)
+
+
 def agg_kwargs(agg):
     return {"agg": agg, "loss_scale": 48.0 if agg == "seq-mean-token-sum-norm" else None}
 
@@ -160,14 +172,7 @@ def test_triton_matches_float64_reference(agg, n_tokens):
     b = make_batch(n_tokens, min(n_tokens, 9), seed=n_tokens, p_masked=0.0 if n_tokens == 1 else 0.25)
     for est, dual in (("k1", None), ("k2", 3.0), ("k3", None), ("k3+", 1.5)):
         cfg = dict(clip_low=0.1, clip_high=0.3, dual_clip=dual, kl_coef=0.2, kl_estimator=est, **agg_kwargs(agg))
-        loss, grad, metrics = run("triton", b, **cfg)
-        loss64, grad64, metrics64 = run("ref64", b, dtype=torch.float64, **cfg)
-        assert_close_to_reference(loss, loss64, atol=1e-6, rtol=1e-5, name="loss")
-        assert_close_to_reference(grad, grad64, atol=1e-7, rtol=1e-5, name="grad")
-        assert metrics.keys() == metrics64.keys()
-        for k in metrics:
-            assert metrics[k].dim() == 0
-            assert_close_to_reference(metrics[k], metrics64[k], atol=1e-6, rtol=1e-5, name=k)
+        assert_triton_matches_float64(b, **cfg)
 
 
 def test_bf16_inputs():
